@@ -1,0 +1,95 @@
+"""Paired accuracy statistics: exact McNemar (and mid-p), Wilson intervals, per-item eval files.
+
+Binomial tails are summed in exact integer arithmetic (b + c is at most a few thousand items), so
+the p-values need no special functions and no scipy.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Sequence
+
+from engine.errors import EngineError
+
+
+def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
+    """Exact McNemar test on paired correctness.
+
+    b = items a got right and b wrong, c = the reverse. p_exact = min(1, 2 BinomCDF(min(b, c); b + c, 1/2)),
+    p_mid = p_exact - BinomPMF(min(b, c); b + c, 1/2); both 1 when b + c = 0.
+    Returns {'n', 'b', 'c', 'p_exact', 'p_mid'}."""
+    a, bb = [bool(x) for x in correct_a], [bool(x) for x in correct_b]
+    if len(a) != len(bb):
+        raise EngineError(f"McNemar needs paired items: {len(a)} vs {len(bb)} results")
+    b = sum(x and not y for x, y in zip(a, bb))
+    c = sum(y and not x for x, y in zip(a, bb))
+    n, k = b + c, min(b, c)
+    if n == 0:
+        return {"n": len(a), "b": b, "c": c, "p_exact": 1.0, "p_mid": 1.0}
+    pmf_k = Fraction(math.comb(n, k), 2 ** n)
+    cdf = Fraction(sum(math.comb(n, i) for i in range(k + 1)), 2 ** n)
+    p_exact = min(Fraction(1), 2 * cdf)
+    return {"n": len(a), "b": b, "c": c, "p_exact": float(p_exact), "p_mid": float(p_exact - pmf_k)}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default); (nan, nan) when n = 0."""
+    if n == 0:
+        return (math.nan, math.nan)
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def read_items(path: str | os.PathLike) -> dict[str, bool]:
+    """Per-item eval JSONL ({'id', 'correct', ...} per line) -> {id: correct}. Lines that are a
+    summary (no 'id', or 'summary' in them) are skipped."""
+    path = Path(path)
+    out: dict[str, bool] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise EngineError(f"cannot read eval file ({e})", path=path) from None
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EngineError(f"not valid JSON ({e.msg})", path=path, line=no) from None
+        if not isinstance(obj, dict):
+            raise EngineError("expected a JSON object per line", path=path, line=no)
+        if "id" not in obj or "summary" in obj:
+            continue
+        if not isinstance(obj.get("correct"), bool):
+            raise EngineError(f"expected a boolean, got {obj.get('correct')!r}", path=path, line=no, field="correct")
+        key = str(obj["id"])
+        if key in out:
+            raise EngineError(f"duplicate item id {key!r}", path=path, line=no, field="id")
+        out[key] = obj["correct"]
+    if not out:
+        raise EngineError("no per-item results (lines with 'id' and 'correct') in eval file", path=path)
+    return out
+
+
+def paired(items_a: dict[str, bool], items_b: dict[str, bool], path_a: str, path_b: str
+           ) -> tuple[list[bool], list[bool]]:
+    """Align two runs' per-item results by id; refuse when they do not cover the same items."""
+    if items_a.keys() != items_b.keys():
+        only_a, only_b = sorted(items_a.keys() - items_b.keys()), sorted(items_b.keys() - items_a.keys())
+        detail = (f"{len(only_a)} ids only in {path_a} (e.g. {only_a[0]!r})" if only_a else "") + \
+                 ("; " if only_a and only_b else "") + \
+                 (f"{len(only_b)} ids only in {path_b} (e.g. {only_b[0]!r})" if only_b else "")
+        raise EngineError(f"McNemar needs both runs evaluated on the same items: {detail}", path=path_b)
+    ids = sorted(items_a)
+    return [items_a[i] for i in ids], [items_b[i] for i in ids]
+
+
+def accuracy(items: dict[str, bool]) -> dict:
+    n, k = len(items), sum(items.values())
+    lo, hi = wilson_interval(k, n)
+    return {"n": n, "correct": k, "accuracy": k / n, "ci95": [lo, hi], "ci_method": "wilson"}

@@ -1,0 +1,47 @@
+"""Qwen3 grouped-query attention: q/k per-head RMSNorm before RoPE, no biases, SDPA."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Qwen3Config
+from .kv_cache import KVCache
+from .layers import RMSNorm, apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.eps = config.rms_norm_eps
+        # q_proj / o_proj are not square for 0.6B and 4B: heads x head_dim != hidden.
+        self.q_proj = nn.Linear(config.hidden_size, config.q_out, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.kv_out, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.kv_out, bias=False)
+        self.o_proj = nn.Linear(config.q_out, config.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """x [B, T, hidden]; cos/sin [B, T, head_dim]; mask [B, 1, T, S] bool (True = attend) or None
+        for plain causal attention over the T positions. Returns [B, T, hidden]."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
+        k = apply_rope(self.k_norm(k), cos, sin).transpose(1, 2)
+        v = v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)
+        gqa = self.num_heads != self.num_kv_heads
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))

@@ -1,0 +1,178 @@
+"""Load and save Hugging Face Qwen3 checkpoints: config.json + safetensors (single file or shards).
+
+Only safetensors are ever read: no pickle, no `.bin`, no remote code. Tensors are read one at a time
+from the memory-mapped file straight into the target dtype and device.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .config import Qwen3Config
+from .errors import EngineError
+from .fsio import atomic_dir
+from .model import Qwen3ForCausalLM
+
+HUB_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                "vocab.json", "merges.txt", "special_tokens_map.json", "*.safetensors",
+                "model.safetensors.index.json"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    # bf16 matrix products on CPUs without AMX run ~100x slower than fp32.
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def resolve_model_dir(path_or_repo_id: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise a hub id through huggingface_hub (works offline from the
+    cache with HF_HUB_OFFLINE=1), fetching only config, tokenizer and safetensors files."""
+    path = Path(path_or_repo_id).expanduser()
+    if path.is_dir():
+        return path
+    s = str(path_or_repo_id)
+    if path.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise EngineError("model directory not found (expected a directory with config.json, "
+                          "or a hub id like 'Qwen/Qwen3-0.6B')", path=s)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(s, allow_patterns=HUB_PATTERNS))
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
+        raise EngineError(f"could not get hub model (offline cache miss or network error: "
+                          f"{type(e).__name__}: {e})", path=s) from None
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    single = model_dir / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise EngineError(f"bad shard index ({type(e).__name__}: {e})", path=index) from None
+        files = []
+        for name in dict.fromkeys(weight_map.values()):
+            f = (model_dir / name).resolve()
+            if model_dir.resolve() not in f.parents:
+                raise EngineError(f"shard {name!r} escapes the model directory", path=index, field="weight_map")
+            if not f.is_file():
+                raise EngineError(f"shard listed in the index is missing: {name}", path=index)
+            files.append(f)
+        return files
+    if single.is_file():
+        return [single]
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickles = [p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise EngineError(f"only pickle weights found ({', '.join(sorted(pickles))}); this engine reads "
+                          "safetensors only (convert with safetensors.torch.save_file)", path=model_dir)
+    raise EngineError("no model.safetensors (or shards with model.safetensors.index.json) found", path=model_dir)
+
+
+def load_state_into(model: torch.nn.Module, files: list[Path], dtype: torch.dtype,
+                    device: torch.device) -> None:
+    """Read every tensor of `files` into the matching parameter of `model`, checking names and shapes."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    expected = {n for n in params if not (tied and n == "lm_head.weight")}
+    seen: set[str] = set()
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device="cpu") as sf:
+                for name in sf.keys():
+                    if tied and name == "lm_head.weight":
+                        continue  # some tied checkpoints still carry a copy; the embedding wins
+                    if name not in params:
+                        if name.endswith("rotary_emb.inv_freq"):
+                            continue
+                        raise EngineError(f"unexpected tensor {name!r} (not a Qwen3 weight)", path=f)
+                    p = params[name]
+                    sl = sf.get_slice(name)
+                    shape = tuple(sl.get_shape())
+                    if shape != tuple(p.shape):
+                        raise EngineError(f"tensor {name!r} has shape {list(shape)}, expected "
+                                          f"{list(p.shape)} from config.json", path=f)
+                    t = sf.get_tensor(name).to(device=device, dtype=dtype)
+                    _assign(model, name, t)
+                    seen.add(name)
+        except SafetensorError as e:
+            raise EngineError(f"corrupt or truncated safetensors file ({e})", path=f) from None
+    missing = sorted(expected - seen)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise EngineError(f"missing tensors: {', '.join(missing[:3])}{more}", path=files[0].parent)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+
+
+def load_model(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None, adapter: str | os.PathLike | None = None,
+               ) -> Qwen3ForCausalLM:
+    """Load a Qwen3 checkpoint directory (or hub id) into a frozen engine model, optionally with a
+    PEFT LoRA adapter applied (unmerged)."""
+    model_dir = resolve_model_dir(path_or_repo_id)
+    config = Qwen3Config.from_json(model_dir / "config.json")
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    files = _weight_files(model_dir)
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    load_state_into(model, files, dtype, device)
+    model.name_or_path = str(path_or_repo_id)
+    model.eval()
+    if adapter is not None:
+        from .lora import load_adapter
+        load_adapter(model, adapter)
+    return model
+
+
+def save_model(model: Qwen3ForCausalLM, out_dir: str | os.PathLike, *,
+               max_shard_bytes: int | None = None) -> None:
+    """Write config.json and model.safetensors (sharded with an index past `max_shard_bytes`)."""
+    from .lora import merged_state_dict
+    state = merged_state_dict(model)
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    config = model.config.to_dict()
+    config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().contiguous().cpu()
+        size += nbytes
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        meta = {"format": "pt"}
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata=meta)
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

@@ -1,0 +1,29 @@
+"""One error type for bad user input: it says where (file, line, field) and what was expected.
+
+The CLI turns an `EngineError` into a one-line message and exit code 2; nothing else should
+reach the user as a traceback for input problems.
+"""
+from __future__ import annotations
+
+import os
+
+
+class EngineError(Exception):
+    """Bad input: `path:line: field: message`. Raised instead of deep tracebacks."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None,
+                 line: int | None = None, field: str | None = None) -> None:
+        self.message = message
+        self.path = None if path is None else str(path)
+        self.line = line
+        self.field = field
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = ""
+        if self.path is not None:
+            where = self.path + (f":{self.line}" if self.line is not None else "") + ": "
+        elif self.line is not None:
+            where = f"line {self.line}: "
+        field = f"field '{self.field}': " if self.field else ""
+        return f"{where}{field}{self.message}"

@@ -1,0 +1,40 @@
+"""A preallocated key/value cache for prefill + one-token decode steps."""
+from __future__ import annotations
+
+import torch
+
+from .config import Qwen3Config
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated as [layers, B, kv_heads, max_len, head_dim].
+
+    `length` is how many positions are filled (the same for every row: left padding keeps rows
+    aligned, and the attention mask says which positions are real).
+    """
+
+    def __init__(self, config: Qwen3Config, batch_size: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, kv_heads, T, D] at positions [length, length + T); return the filled prefix."""
+        start, end = self.length, self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        """Called by the model once every layer has written its n new positions."""
+        self.length += n
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (drop finished sequences to save decode compute)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]

@@ -1,0 +1,253 @@
+"""LoRA adapters on linear layers, initialised and saved exactly as PEFT does.
+
+A `LoRALinear` keeps the frozen base weight under its original name (so checkpoints still map) and
+adds `lora_A` [r, in] and `lora_B` [out, r], kept in float32 whatever the base dtype (they are small,
+and the optimizer updates them in place). Files: `adapter_config.json` + `adapter_model.safetensors`
+with PEFT's keys, so PEFT and vLLM load our adapters and we load theirs.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import EngineError
+from .fsio import atomic_dir
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR_TARGETS = ATTENTION_TARGETS + ("gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclasses.dataclass
+class LoRAConfig:
+    r: int = 32
+    alpha: float = 64.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ATTENTION_TARGETS
+    use_rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            self.target_modules = ALL_LINEAR_TARGETS if self.target_modules == "all-linear" else (
+                tuple(t.strip() for t in self.target_modules.split(",")))
+        self.target_modules = tuple(self.target_modules)
+        bad = [t for t in self.target_modules if t not in ALL_LINEAR_TARGETS]
+        if bad:
+            raise EngineError(f"unknown LoRA target modules {bad}; choose from {list(ALL_LINEAR_TARGETS)}",
+                              field="target_modules")
+        if not (isinstance(self.r, int) and self.r > 0):
+            raise EngineError(f"LoRA rank must be a positive integer, got {self.r!r}", field="r")
+
+
+class LoRALinear(nn.Module):
+    """y = x W^T + scale * (dropout(x) A^T) B^T, W frozen."""
+
+    def __init__(self, base: nn.Linear, r: int, scale: float, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
+        self.r, self.scale, self.dropout = r, scale, dropout
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return F.linear(x, self.weight)
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        if self.dropout > 0 and self.training:
+            return F.linear(x, self.weight) + self.scale * F.linear(
+                F.linear(F.dropout(x, self.dropout, True), a), b)
+        from triton_kernels import lora_linear
+        return lora_linear(x, self.weight, a, b, self.scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B A, [out, in] in float32."""
+        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, r={self.r}, scale={self.scale:g}"
+
+
+def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
+    """Name (e.g. 'model.layers.0.self_attn.q_proj') -> LoRALinear, in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and n.rpartition(".")[2] in target_modules and n != "lm_head"]
+
+
+def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
+    """Freeze the model and wrap every target linear in a LoRALinear, initialised as PEFT does
+    (A Kaiming-uniform with a = sqrt(5), B zero) from `seed`, so every method starts identical."""
+    if lora_modules(model):
+        raise EngineError("model already has LoRA adapters")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    for name, linear in _targets(model, cfg.target_modules):
+        module = LoRALinear(linear, cfg.r, cfg.scale, cfg.dropout)
+        a = torch.empty(cfg.r, linear.in_features)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        with torch.no_grad():
+            module.lora_A.copy_(a)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, module)
+    model.lora_config = cfg
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run the base model (adapters off), e.g. for reference log-probs; no second copy in memory."""
+    modules = list(lora_modules(model).values())
+    previous = [m.enabled for m in modules]
+    for m in modules:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, e in zip(modules, previous):
+            m.enabled = e
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, m in lora_modules(model).items():
+        state[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous().cpu()
+        state[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().float().contiguous().cpu()
+    return state
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_name: str | None = None) -> None:
+    """Write a PEFT adapter directory atomically."""
+    cfg: LoRAConfig = model.lora_config
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "target_modules": sorted(cfg.target_modules), "bias": "none",
+        "use_rslora": cfg.use_rslora, "fan_in_fan_out": False, "init_lora_weights": True,
+        "inference_mode": True, "modules_to_save": None,
+        "base_model_name_or_path": base_name or getattr(model, "name_or_path", None),
+    }
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(adapter_state_dict(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAConfig, dict]:
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise EngineError("adapter_config.json not found", path=path)
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineError(f"not valid JSON ({e})", path=path) from None
+    if not isinstance(raw, dict):
+        raise EngineError("expected a JSON object", path=path)
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise EngineError(f"peft_type {raw.get('peft_type')!r} is not LORA", path=path, field="peft_type")
+    if raw.get("bias", "none") != "none":
+        raise EngineError("only bias 'none' adapters are supported", path=path, field="bias")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in raw:
+            raise EngineError("missing field", path=path, field=key)
+    targets = raw["target_modules"]
+    if isinstance(targets, str):
+        targets = ALL_LINEAR_TARGETS if targets == "all-linear" else [targets]
+    try:
+        cfg = LoRAConfig(r=raw["r"], alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout") or 0.0),
+                         target_modules=tuple(targets), use_rslora=bool(raw.get("use_rslora", False)))
+    except EngineError as e:
+        raise EngineError(e.message, path=path, field=e.field) from None
+    except (TypeError, ValueError) as e:
+        raise EngineError(f"bad value ({e})", path=path) from None
+    return cfg, raw
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """Apply a PEFT LoRA adapter (ours or PEFT's) to `model`, unmerged."""
+    adapter_dir = Path(adapter_dir)
+    cfg, _ = read_adapter_config(adapter_dir)
+    weights = adapter_dir / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise EngineError("adapter_model.safetensors not found (only safetensors adapters are read)",
+                          path=adapter_dir)
+    if not lora_modules(model):
+        apply_lora(model, cfg)
+    modules = lora_modules(model)
+    seen = set()
+    try:
+        with safe_open(str(weights), framework="pt", device="cpu") as sf:
+            for key in sf.keys():
+                name = key.removeprefix(PEFT_PREFIX)
+                name = name.replace(".default.", ".")  # PEFT's in-memory adapter name, if present
+                module_name, _, kind = name.rpartition(".lora_")
+                if module_name not in modules or kind not in ("A.weight", "B.weight"):
+                    raise EngineError(f"tensor {key!r} matches no LoRA module of this model", path=weights)
+                m = modules[module_name]
+                target = m.lora_A if kind == "A.weight" else m.lora_B
+                t = sf.get_tensor(key)
+                if tuple(t.shape) != tuple(target.shape):
+                    raise EngineError(f"tensor {key!r} has shape {list(t.shape)}, expected {list(target.shape)} "
+                                      f"(different rank or base model?)", path=weights)
+                with torch.no_grad():
+                    target.copy_(t)
+                seen.add((module_name, kind))
+    except SafetensorError as e:
+        raise EngineError(f"corrupt or truncated safetensors file ({e})", path=weights) from None
+    missing = [f"{n}.lora_{k}" for n in modules for k in ("A.weight", "B.weight") if (n, k) not in seen]
+    if missing:
+        raise EngineError(f"adapter lacks {len(missing)} tensors, e.g. {missing[0]}", path=weights)
+    for m in modules.values():
+        m.scale, m.dropout = cfg.scale, cfg.dropout
+    model.lora_config = cfg
+    return model
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight (W += scale B A) and drop the LoRA modules: one call
+    for export (then `engine.save_model`)."""
+    for name, m in lora_modules(model).items():
+        linear = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
+        with torch.no_grad():
+            merged = (m.weight.float() + m.delta_weight().to(m.weight.device)).to(m.weight.dtype)
+        linear.weight = nn.Parameter(merged, requires_grad=False)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, linear)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's HF state dict with any enabled adapters folded in, without changing the model."""
+    modules = lora_modules(model)
+    state = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        module_name, _, attr = name.rpartition(".")
+        if attr.startswith("lora_"):
+            continue
+        if module_name in modules and attr == "weight" and modules[module_name].enabled:
+            m = modules[module_name]
+            p = (p.float() + m.delta_weight().to(p.device)).to(p.dtype)
+        state[name] = p.detach()
+    return state

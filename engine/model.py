@@ -1,0 +1,131 @@
+"""The Qwen3 decoder, composed from engine.layers and engine.attention.
+
+Parameter names equal Hugging Face's, so checkpoints map one to one.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import Attention
+from .config import Qwen3Config
+from .kv_cache import KVCache
+from .layers import MLP, RMSNorm, RotaryEmbedding
+
+
+@dataclasses.dataclass
+class CausalLMOutput:
+    logits: torch.Tensor | None                       # [B, T, V]
+    hidden_states: tuple[torch.Tensor, ...] | None    # embeddings + one per layer, as HF
+    last_hidden_state: torch.Tensor | None = None     # [B, T, H] after the final norm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3Config, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3Model(nn.Module):
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, T: int, past: int) -> torch.Tensor | None:
+    """[B, past + T] padding mask (1 = real token) -> [B, 1, T, past + T] bool, or None when plain
+    causal attention over the new positions is already exact (no padding, or right padding only)."""
+    if attention_mask is None:
+        return None if past == 0 or T == 1 else _causal(T, past, None)
+    if past == 0 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+        # Right padding (or none): padded keys come after every real query, so causal suffices.
+        return None
+    return _causal(T, past, attention_mask.bool())
+
+
+def _causal(T: int, past: int, key_valid: torch.Tensor | None) -> torch.Tensor:
+    device = key_valid.device if key_valid is not None else None
+    q_pos = torch.arange(past, past + T, device=device)[:, None]
+    k_pos = torch.arange(past + T, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]
+    if key_valid is not None:
+        # A padded query would attend to nothing (NaN softmax); let it see itself instead.
+        mask = (mask & key_valid[:, None, None, :]) | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class Qwen3ForCausalLM(nn.Module):
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
+        self.gradient_checkpointing = False
+
+    def forward_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                       position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                       output_hidden_states: bool = False
+                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """input_ids [B, T]; attention_mask [B, past + T] (1 = real) or None.
+
+        Returns the final-normed hidden [B, T, H] and, if asked, every layer's hidden states
+        (embeddings first, then each layer's output; the last one after the final norm, as HF).
+        """
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                # Left padding: real tokens start at position 0 whatever their column.
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        h = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(position_ids, h.dtype)
+        mask = build_attention_mask(attention_mask, T, past)
+        states = [h] if output_hidden_states else None
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, kv_cache)
+            if states is not None:
+                states.append(h)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        h = self.model.norm(h)
+        if states is not None:
+            states[-1] = h
+        return h, (tuple(states) if states is not None else None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None,
+                output_hidden_states: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
+        """Logits [B, T, V] (only the last `logits_to_keep` positions when > 0, as in decoding)."""
+        h, states = self.forward_hidden(input_ids, attention_mask, position_ids, kv_cache,
+                                        output_hidden_states)
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
+        return CausalLMOutput(logits=logits, hidden_states=states, last_hidden_state=h)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype

@@ -1,0 +1,74 @@
+"""Guarded Triton import and a launch-time `jit`.
+
+Why not plain `@triton.jit`: it decides between the compiler and the CPU interpreter when the module
+is imported, from `TRITON_INTERPRET`. In one pytest process another test file may import this package
+before the kernel tests set `TRITON_INTERPRET=1`, so here the decision is made at launch time instead
+(and cached per mode). A missing or broken Triton leaves `triton is None`; the torch paths still work.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+try:  # a broken install can raise more than ImportError (e.g. a missing libcuda symbol)
+    import triton
+    import triton.language as tl
+    TRITON_IMPORT_ERROR: Exception | None = None
+except Exception as exc:  # noqa: BLE001
+    triton = None
+
+    class _MissingLanguage:
+        """Stands in for `triton.language` so kernel annotations (`tl.constexpr`) still evaluate."""
+
+        def __getattr__(self, name: str) -> Any:
+            return object
+
+    tl = _MissingLanguage()  # type: ignore[assignment]
+    TRITON_IMPORT_ERROR = exc
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (`TRITON_INTERPRET=1`, read now)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+class LazyJit:
+    """`kernel[grid](...)` like a `triton.jit` function; compiled or interpreted as the env says now.
+
+    Kernels wrapped here must not call other jitted helpers (the interpreter and the compiler would
+    need different helper objects); they inline their few shared lines instead.
+    """
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+        self._by_mode: dict[bool, Any] = {}
+
+    def variant(self) -> Any:
+        """The underlying `triton.jit` object for the current mode (compiler or interpreter)."""
+        if triton is None:
+            raise RuntimeError(f"Triton is not usable here: {TRITON_IMPORT_ERROR!r}")
+        mode = interpreting()
+        if mode not in self._by_mode:
+            # triton.jit reads TRITON_INTERPRET now, which is the mode we want.
+            self._by_mode[mode] = triton.jit(self.fn)
+        return self._by_mode[mode]
+
+    def __getitem__(self, grid: Any) -> Any:
+        return self.variant()[grid]
+
+
+def jit(fn: Callable) -> LazyJit:
+    """Decorator: a Triton kernel chosen at launch (see module docstring)."""
+    return LazyJit(fn)
+
+
+def dot_precision(dtype: "Any") -> str:
+    """`tl.dot` precision: exact float32 ('ieee') for float32 operands, tensor-core default otherwise."""
+    import torch
+
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def next_pow2(n: int, minimum: int = 16) -> int:
+    """Smallest power of two >= max(n, minimum): `tl.arange`/`tl.dot` need power-of-two extents >= 16."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
