@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from engine.errors import EngineError
+from engine.errors import EngineError, TrainingDiverged
 
 
 class EngineGroup(click.Group):
@@ -20,11 +20,111 @@ class EngineGroup(click.Group):
         except EngineError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except TrainingDiverged as e:
+            click.echo(f"stopped: {e}; the last good checkpoint is kept", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=EngineGroup)
 def main() -> None:
     """LoRA post-training engine: train, rollout, eval, analyze, profile."""
+
+
+PRESETS = ("cpu", "paper")
+
+
+@main.command()
+@click.option("--loss", required=True, help="sft, rft, dft, rift, grpo, dpo, or 'all' (the six in turn).")
+@click.option("--preset", type=click.Choice(PRESETS), default=None,
+              help="configs/<preset>.toml; default cpu (the embedded model) unless --config is given.")
+@click.option("--config", "config_path", type=click.Path(), default=None, help="A TOML config file.")
+@click.option("--model", default=None, help="Model directory or hub id.")
+@click.option("--rollouts", default=None, type=click.Path(), help="Rollouts JSONL.")
+@click.option("--out", default=None, type=click.Path(), help="Output directory (default runs/<loss>).")
+@click.option("--steps", type=int, default=None)
+@click.option("--lr", type=float, default=None, help="Peak learning rate (overrides per-loss rates too).")
+@click.option("--seed", type=int, default=None)
+@click.option("--batch-size", type=int, default=None, help="Rollouts per optimizer step (DPO: pairs).")
+@click.option("--micro-batch-size", type=int, default=None, help="Rows per forward/backward.")
+@click.option("--save-every", type=int, default=None)
+@click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --out.")
+@click.option("--on-bad", type=click.Choice(["fail", "skip"]), default=None, help="Bad rollout lines.")
+@click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
+@click.option("--full-finetune", is_flag=True, default=None, help="Train every weight (no LoRA).")
+@click.option("--device", default=None)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(loss, preset, config_path, resume, quiet, **flags) -> None:
+    """Train a LoRA adapter with one of the six offline losses."""
+    import losses as loss_registry
+    from engine.train_config import REPO_ROOT, load_config
+    from engine.trainer import train as run_training
+
+    if config_path is None:
+        config_path = REPO_ROOT / "configs" / f"{preset or 'cpu'}.toml"
+    names = list(loss_registry.names()) if loss == "all" else [loss]
+    if loss != "all" and loss not in loss_registry.names():
+        raise EngineError(f"unknown loss {loss!r}; choose from {', '.join(loss_registry.names())} or all",
+                          field="--loss")
+    lr = flags.pop("lr")
+    out = flags.pop("out")
+    for name in names:
+        cfg = load_config(config_path, loss=name, **flags)
+        if lr is not None:
+            cfg.lr, cfg.lr_per_loss = lr, {}
+        if out is not None:
+            cfg.out = str(out) if loss != "all" else f"{out}/{name}"
+        elif cfg.out == "runs/default" or loss == "all":
+            cfg.out = f"runs/{name}" if loss != "all" else f"runs/all/{name}"
+        final = run_training(cfg, resume=resume, progress=not quiet)
+        click.echo(f"{name}: adapter written to {final}")
+
+
+def _generation_options(f):
+    """Flags shared by `rollout` and `eval`."""
+    for option in reversed([
+        click.option("--model", required=True, help="Model directory or hub id."),
+        click.option("--adapter", default=None, type=click.Path(), help="PEFT LoRA adapter directory."),
+        click.option("--task", required=True, help="gsm8k, aime2026, aime, math500, ..."),
+        click.option("--limit", type=int, default=None, help="Only the first N items."),
+        click.option("--data-dir", default=None, type=click.Path(), help="Task data (default ../shared/data)."),
+        click.option("--max-new-tokens", type=int, default=1024, show_default=True),
+        click.option("--batch-size", type=int, default=32, show_default=True, help="Sequences per batch."),
+        click.option("--thinking", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
+                     help="off: append the empty think block (hybrid-thinking Qwen3 without thinking)."),
+        click.option("--style", default="boxed", show_default=True, help="Answer format asked for: boxed, gsm8k."),
+        click.option("--tokenizer", default=None, help="Tokenizer directory (default: the model's)."),
+        click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available)."),
+    ]):
+        f = option(f)
+    return f
+
+
+@main.command()
+@_generation_options
+@click.option("--split", default="train", show_default=True)
+@click.option("--k", type=int, default=4, show_default=True, help="Completions per prompt.")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=int, default=0, show_default=True, help="0 = off.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(), help="Rollouts JSONL (appended; resumes).")
+def rollout(max_new_tokens, temperature, top_p, top_k, **flags) -> None:
+    """Sample K graded completions per prompt into a rollouts JSONL (the trainer's input)."""
+    from engine.rollout import run_rollout
+    from engine.sampler import SamplingParams
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+    run_rollout(params=params, echo=click.echo, **flags)
+
+
+@main.command("eval")
+@_generation_options
+@click.option("--split", default="test", show_default=True)
+@click.option("--out", default=None, type=click.Path(), help="Directory for <task>_<split>.jsonl + summary.")
+def eval_command(**flags) -> None:
+    """Greedy pass@1 with a 95% Wilson interval; per-item results for McNemar."""
+    from engine.rollout import run_eval
+    run_eval(echo=click.echo, **flags)
 
 
 if __name__ == "__main__":

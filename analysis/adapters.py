@@ -27,7 +27,7 @@ TYPE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 @dataclasses.dataclass
 class RunInfo:
     name: str
-    adapter_dir: Path
+    adapter_dir: Path | None
     r: int
     alpha: float
     use_rslora: bool
@@ -77,19 +77,20 @@ class AdapterSet:
         raise KeyError(module)
 
 
-def resolve_adapter_dir(path: str | os.PathLike) -> Path:
-    """A PEFT adapter directory, or a training output directory holding `final/`."""
+def resolve_adapter_dir(path: str | os.PathLike, checkpoint: str = "final") -> Path:
+    """A PEFT adapter directory, or a training output directory holding `final/` (or the
+    `checkpoint` subdirectory asked for, e.g. 'step-1000')."""
     path = Path(path)
     if not path.exists():
         raise EngineError("run directory not found", path=path)
-    for candidate in (path, path / "final"):
+    for candidate in (path, path / checkpoint):
         if (candidate / "adapter_config.json").is_file():
             missing = [f for f in ADAPTER_FILES if not (candidate / f).is_file()]
             if missing:
                 raise EngineError(f"adapter directory lacks {missing[0]}", path=candidate)
             return candidate
     raise EngineError("neither a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) "
-                      "nor a training output directory with final/", path=path)
+                      f"nor a training output directory with {checkpoint}/", path=path)
 
 
 def run_names(dirs: list[Path]) -> list[str]:
@@ -177,12 +178,14 @@ def _check_against_base(run: RunInfo, modules: dict[str, dict[str, torch.Tensor]
                               f"{list(shapes[kind])}: adapter trained on a different base?", path=run.adapter_dir)
 
 
-def load_adapters(run_dirs: list[str | os.PathLike], base: str | os.PathLike | None = None) -> AdapterSet:
-    """Read and cross-check N adapters; return their factors stacked per shape bucket (float64)."""
+def load_adapters(run_dirs: list[str | os.PathLike], base: str | os.PathLike | None = None,
+                  checkpoint: str = "final") -> AdapterSet:
+    """Read and cross-check N adapters; return their factors stacked per shape bucket (float64).
+    `base` (a model directory, its config.json, a hub id, or None) checks module shapes when local."""
     if not run_dirs:
         raise EngineError("no run directories given")
     dirs = [Path(d) for d in run_dirs]
-    adapter_dirs = [resolve_adapter_dir(d) for d in dirs]
+    adapter_dirs = [resolve_adapter_dir(d, checkpoint) for d in dirs]
     names = run_names(dirs)
     config = base_config(base)
     runs, factors = [], []
@@ -224,7 +227,7 @@ def _check_consistent(runs: list[RunInfo], factors: list[dict[str, dict[str, tor
     """One EngineError naming the first mismatch between run 0 and another run."""
     first = runs[0]
     for run, mods in zip(runs[1:], factors[1:]):
-        where = run.adapter_dir / "adapter_config.json"
+        where = _in_dir(run, "adapter_config.json")
         if run.base_model != first.base_model:
             raise EngineError(f"adapters of different bases: {first.name} was trained on {first.base_model!r}, "
                               f"{run.name} on {run.base_model!r}", path=where, field="base_model_name_or_path")
@@ -239,11 +242,15 @@ def _check_consistent(runs: list[RunInfo], factors: list[dict[str, dict[str, tor
             diff = sorted(a ^ b)[0]
             raise EngineError(f"adapters cover different modules: {diff!r} is in "
                               f"{first.name if diff in a else run.name} only",
-                              path=run.adapter_dir / "adapter_model.safetensors")
+                              path=_in_dir(run, "adapter_model.safetensors"))
         for m in sorted(a):
             sa = (tuple(factors[0][m]["A"].shape), tuple(factors[0][m]["B"].shape))
             sb = (tuple(mods[m]["A"].shape), tuple(mods[m]["B"].shape))
             if sa != sb:
                 raise EngineError(f"module {m!r} has factor shapes {sa} in {first.name} but {sb} in {run.name} "
-                                  f"(different bases?)", path=run.adapter_dir / "adapter_model.safetensors")
+                                  f"(different bases?)", path=_in_dir(run, "adapter_model.safetensors"))
 
+
+
+def _in_dir(run: RunInfo, file: str) -> Path | None:
+    return None if run.adapter_dir is None else Path(run.adapter_dir) / file

@@ -60,7 +60,11 @@ class MinibatchCKA:
 
     def update(self, features: torch.Tensor) -> None:
         """features [R, ..., n, d]: the same n examples (tokens) seen by each of R models."""
-        h = pairwise_unbiased_hsic(gram(features, centre=False))
+        self.update_grams(gram(features, centre=False))
+
+    def update_grams(self, K: torch.Tensor) -> None:
+        """K [R, ..., n, n]: uncentred Gram matrices X X^T of one minibatch, one per model."""
+        h = pairwise_unbiased_hsic(K)
         self.sums = h if self.sums is None else self.sums + h
         self.batches += 1
 
@@ -77,6 +81,5 @@ def minibatch_cka(X_batches, Y_batches) -> torch.Tensor:
     minibatches X_i [..., n_i, d1], Y_i [..., n_i, d2]."""
     acc = MinibatchCKA()
     for X, Y in zip(X_batches, Y_batches, strict=True):
-        h = pairwise_unbiased_hsic(torch.stack(torch.broadcast_tensors(gram(X, False), gram(Y, False))))
-        acc.sums = h if acc.sums is None else acc.sums + h
+        acc.update_grams(torch.stack(torch.broadcast_tensors(gram(X, False), gram(Y, False))))
     return acc.compute()[0, 1]

@@ -1,4 +1,5 @@
-"""Paired accuracy statistics: exact McNemar (and mid-p), Wilson intervals, per-item eval files.
+"""Paired accuracy statistics: exact McNemar (and mid-p), accuracy with its Wilson 95% interval, and
+the per-item eval files that `cli.py eval` writes (`<task>_<split>.jsonl`, one object per item).
 
 Binomial tails are summed in exact integer arithmetic (b + c is at most a few thousand items), so
 the p-values need no special functions and no scipy.
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 from engine.errors import EngineError
+from engine.rollout import wilson_interval
 
 
 def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
@@ -35,19 +37,9 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
     return {"n": len(a), "b": b, "c": c, "p_exact": float(p_exact), "p_mid": float(p_exact - pmf_k)}
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (95% by default); (nan, nan) when n = 0."""
-    if n == 0:
-        return (math.nan, math.nan)
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (max(0.0, centre - half), min(1.0, centre + half))
-
-
 def read_items(path: str | os.PathLike) -> dict[str, bool]:
-    """Per-item eval JSONL ({'id', 'correct', ...} per line) -> {id: correct}. Lines that are a
-    summary (no 'id', or 'summary' in them) are skipped."""
+    """Per-item eval JSONL ({'id', 'correct', ...} per line) -> {id: correct}. A summary line (a
+    'summary' key, or 'accuracy' without 'id') is skipped."""
     path = Path(path)
     out: dict[str, bool] = {}
     try:
@@ -63,8 +55,10 @@ def read_items(path: str | os.PathLike) -> dict[str, bool]:
             raise EngineError(f"not valid JSON ({e.msg})", path=path, line=no) from None
         if not isinstance(obj, dict):
             raise EngineError("expected a JSON object per line", path=path, line=no)
-        if "id" not in obj or "summary" in obj:
-            continue
+        if "summary" in obj or ("id" not in obj and "accuracy" in obj):
+            continue                       # a summary line, not an item
+        if "id" not in obj:
+            raise EngineError("missing field", path=path, line=no, field="id")
         if not isinstance(obj.get("correct"), bool):
             raise EngineError(f"expected a boolean, got {obj.get('correct')!r}", path=path, line=no, field="correct")
         key = str(obj["id"])
@@ -93,3 +87,38 @@ def accuracy(items: dict[str, bool]) -> dict:
     n, k = len(items), sum(items.values())
     lo, hi = wilson_interval(k, n)
     return {"n": n, "correct": k, "accuracy": k / n, "ci95": [lo, hi], "ci_method": "wilson"}
+
+
+def evaluation(eval_dir: str | os.PathLike, names: list[str]) -> dict:
+    """Accuracy per run and McNemar per pair of runs, for every eval file the runs share.
+
+    Layout: EVAL_DIR/<run name>/<task>_<split>.jsonl (what `cli.py eval --out EVAL_DIR/<run name>`
+    writes). Every run must have the same eval files, each covering the same item ids."""
+    eval_dir = Path(eval_dir)
+    if not eval_dir.is_dir():
+        raise EngineError("eval directory not found", path=eval_dir)
+    files: dict[str, dict[str, Path]] = {}
+    for name in names:
+        d = eval_dir / name
+        found = {p.stem: p for p in sorted(d.glob("*.jsonl"))} if d.is_dir() else {}
+        if not found:
+            raise EngineError(f"no eval results for run {name!r}: expected <task>_<split>.jsonl files "
+                              f"(from `cli.py eval --out {d}`)", path=d)
+        files[name] = found
+    evals = sorted(files[names[0]])
+    for name in names[1:]:
+        if sorted(files[name]) != evals:
+            diff = sorted(set(evals) ^ set(files[name]))[0]
+            has = names[0] if diff in files[names[0]] else name
+            raise EngineError(f"runs were evaluated on different tasks: {diff}.jsonl exists for {has!r} only",
+                              path=eval_dir / name)
+    out = {}
+    for ev in evals:
+        items = {name: read_items(files[name][ev]) for name in names}
+        pairs = []
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                ca, cb = paired(items[a], items[b], str(files[a][ev]), str(files[b][ev]))
+                pairs.append({"a": a, "b": b, **mcnemar(ca, cb)})
+        out[ev] = {"accuracy": {name: accuracy(items[name]) for name in names}, "mcnemar": pairs}
+    return out

@@ -146,7 +146,14 @@ def load_model(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | None 
 
 def save_model(model: Qwen3ForCausalLM, out_dir: str | os.PathLike, *,
                max_shard_bytes: int | None = None) -> None:
-    """Write config.json and model.safetensors (sharded with an index past `max_shard_bytes`)."""
+    """Write config.json and model.safetensors (sharded with an index past `max_shard_bytes`),
+    atomically. Enabled LoRA adapters are folded into the weights (export)."""
+    with atomic_dir(out_dir) as tmp:
+        write_model_files(model, tmp, max_shard_bytes=max_shard_bytes)
+
+
+def write_model_files(model: Qwen3ForCausalLM, directory: Path, *, max_shard_bytes: int | None = None) -> None:
+    """The files of `save_model`, written into an existing directory (callers make it atomic)."""
     from .lora import merged_state_dict
     state = merged_state_dict(model)
     if model.config.tie_word_embeddings:
@@ -162,17 +169,21 @@ def save_model(model: Qwen3ForCausalLM, out_dir: str | os.PathLike, *,
             size = 0
         shards[-1][name] = t.detach().contiguous().cpu()
         size += nbytes
-    with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata=meta)
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata=meta)
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in state.values())
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    _write_model_files(directory, config, shards, state)
+
+
+def _write_model_files(directory: Path, config: dict, shards: list[dict[str, torch.Tensor]],
+                       state: dict[str, torch.Tensor]) -> None:
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata=meta)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

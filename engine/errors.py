@@ -27,3 +27,7 @@ class EngineError(Exception):
             where = f"line {self.line}: "
         field = f"field '{self.field}': " if self.field else ""
         return f"{where}{field}{self.message}"
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the run stops, the last good checkpoint stays."""

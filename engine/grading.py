@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import cmath
 import math
+import operator
 import random
 import re
 from fractions import Fraction
@@ -92,7 +93,8 @@ _REPLACEMENTS = [("\u2212", "-"), ("\u00d7", r"\times "), ("\u00b7", r"\cdot "),
 
 def normalize_answer(answer: str) -> str:
     """A compact canonical form of an answer string (spaces kept only between a command and a letter)."""
-    s = _THOUSANDS_SEP_RE.sub("", answer.strip())
+    s = answer.strip().strip("*").strip()  # markdown bold: `#### **18**`
+    s = _THOUSANDS_SEP_RE.sub("", s).replace("\\\\", "\x01")  # protect row breaks `\\`
     for old, new in _REPLACEMENTS:
         s = s.replace(old, new)
     s = re.sub(r"\\(?:left|right)(?![A-Za-z])", "", s)
@@ -107,7 +109,7 @@ def normalize_answer(answer: str) -> str:
     s = re.sub(r"(\\[A-Za-z]+) (?=[A-Za-z])", "\\1\x00", s).replace(" ", "").replace("\x00", " ")
     s = re.sub(r"([\^_])\{(\w)\}", r"\1\2", s)
     s = re.sub(r"^[A-Za-z]\\in(?![A-Za-z])", "", s)  # `x \in [a,b]`
-    s = s.rstrip(".") if not s.endswith("..") else s
+    s = (s.rstrip(".") if not s.endswith("..") else s).replace("\x01", "\\\\")
     m = re.fullmatch(r"\(([A-Za-z])\)", s)  # multiple-choice `(C)`
     return m.group(1) if m else s
 
@@ -213,6 +215,8 @@ def _all_equal(xs: list[str], ys: list[str]) -> bool:
 def _multiset_equal(xs: list[str], ys: list[str]) -> bool:
     if len(xs) != len(ys):
         return False
+    if len(xs) > 50:  # pairwise matching is quadratic: long lists must match as sorted strings
+        return sorted(xs) == sorted(ys)
     left = list(ys)
     for x in xs:
         hit = next((k for k, y in enumerate(left) if _equal(x, y)), None)
@@ -403,30 +407,24 @@ def _pow(a: Number, b: Number) -> Number:
     return complex(a) ** complex(b)
 
 
+_BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv, "^": _pow,
+           "root": _root}
+_CONSTANTS = {"pi": math.pi, "inf": math.inf, "i": 1j}
+
+
 def _eval(node: tuple, env: dict[str, Number]) -> Number:
     kind = node[0]
     if kind == "num":
         return node[1]
     if kind == "var":
         return env[node[1]]
-    if kind in ("pi", "inf", "i"):
-        return {"pi": math.pi, "inf": math.inf, "i": 1j}[kind]
+    if kind in _CONSTANTS:
+        return _CONSTANTS[kind]
     if kind == "neg":
         return -_eval(node[1], env)
     if kind == "fn":
         return _FUNCS[node[1]](complex(_eval(node[2], env)))
-    a, b = _eval(node[1], env), _eval(node[2], env)
-    if kind == "+":
-        return a + b
-    if kind == "-":
-        return a - b
-    if kind == "*":
-        return a * b
-    if kind == "/":
-        return a / b
-    if kind == "^":
-        return _pow(a, b)
-    return _root(a, b)
+    return _BINARY[kind](_eval(node[1], env), _eval(node[2], env))
 
 
 def _close(x: Number, y: Number) -> bool:

@@ -21,6 +21,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from triton_kernels.lora_linear import lora_linear
+
 from .errors import EngineError
 from .fsio import atomic_dir
 
@@ -75,7 +77,6 @@ class LoRALinear(nn.Module):
         if self.dropout > 0 and self.training:
             return F.linear(x, self.weight) + self.scale * F.linear(
                 F.linear(F.dropout(x, self.dropout, True), a), b)
-        from triton_kernels import lora_linear
         return lora_linear(x, self.weight, a, b, self.scale)
 
     def delta_weight(self) -> torch.Tensor:
@@ -138,19 +139,30 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_name: str | None = None) -> None:
-    """Write a PEFT adapter directory atomically."""
+def adapter_config_dict(model: nn.Module, base_name: str | None = None) -> dict:
     cfg: LoRAConfig = model.lora_config
-    config = {
+    return {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "target_modules": sorted(cfg.target_modules), "bias": "none",
         "use_rslora": cfg.use_rslora, "fan_in_fan_out": False, "init_lora_weights": True,
         "inference_mode": True, "modules_to_save": None,
         "base_model_name_or_path": base_name or getattr(model, "name_or_path", None),
     }
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, base_name: str | None = None) -> None:
+    """Write a PEFT adapter directory atomically."""
+    config = adapter_config_dict(model, base_name)
     with atomic_dir(out_dir) as tmp:
-        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        save_file(adapter_state_dict(model), str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        write_adapter_files(model, tmp, config)
+
+
+def write_adapter_files(model: nn.Module, directory: Path, config: dict | None = None) -> None:
+    """Write the two PEFT files into an existing directory (callers make it atomic)."""
+    if config is None:
+        config = adapter_config_dict(model)
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(adapter_state_dict(model), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAConfig, dict]:

@@ -125,8 +125,7 @@ def _make_bucket(group: int, params: list[torch.Tensor]) -> _Bucket:
             view.copy_(p.data)
             if p.grad is not None:
                 grad_view.copy_(p.grad)
-            p.data = view
-            p.grad = grad_view
+            p.data, p.grad = view, grad_view
             b.views.append(view)
             b.grad_views.append(grad_view)
         if dtype in _LOW_PRECISION:
@@ -202,7 +201,10 @@ class AdamW:
                 g = p.grad
                 if g is None or g.data_ptr() != grad_view.data_ptr():
                     with torch.no_grad():
-                        grad_view.zero_() if g is None else grad_view.copy_(g)
+                        if g is None:
+                            grad_view.zero_()
+                        else:
+                            grad_view.copy_(g)
                     p.grad = grad_view
 
     def zero_grad(self) -> None:

@@ -52,3 +52,37 @@ def save_hf(model, path: Path, max_shard_size: str | None = None) -> Path:
 def write_config(path: Path, cfg: dict) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(cfg))
+
+
+def tiny_model_dir(path: Path, seed: int = 0, **overrides) -> Path:
+    """A random-weight tiny Qwen3 with a small byte-level BPE tokenizer (Qwen chat tokens included),
+    trained on addition texts like those of `write_rollouts`: small vocab keeps training tests fast."""
+    from engine.tiny_tokenizer import train_tokenizer
+    texts = [f"What is {a} + {b}? We add {a} and {b}. Then #### {a + b}" for a in range(1, 60) for b in (3, 17, 42)]
+    tok = train_tokenizer(texts, 300, path)
+    vocab = tok.get_vocab_size(with_added_tokens=True)
+    cfg = tiny_config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, **overrides)
+    save_hf(hf_model(cfg, seed=seed), path)
+    return path
+
+
+def write_rollouts(path: Path, n_groups: int = 12, k: int = 4, seed: int = 0, behavior: bool = False,
+                   tokenizer=None) -> Path:
+    """Synthetic addition rollouts: K completions per prompt, reward 1 when the sum is right."""
+    import random
+    rng = random.Random(seed)
+    lines = []
+    for g in range(n_groups):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        for j in range(k):
+            guess = a + b if (j + g) % 3 != 1 else a + b + rng.randint(1, 9)
+            completion = f"We add {a} and {b}." + " Then" * rng.randint(0, 6) + f" #### {guess}"
+            row = {"prompt": [{"role": "user", "content": f"What is {a} + {b}?"}], "completion": completion,
+                   "reward": float(guess == a + b), "group": f"g{g}"}
+            if behavior:
+                n = len(tokenizer.encode(completion)) + 1
+                row["behavior_logps"] = [-rng.uniform(0.05, 3.0) for _ in range(n)]
+            lines.append(json.dumps(row))
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -236,7 +236,7 @@ def test_matches_float64_reference(name, hparams, seed):
 
 def test_float32_and_bf16_accumulate_in_float32():
     b = make_batch(7)
-    value, grad = reference("grpo", plain(b), {})
+    _, grad = reference("grpo", plain(b), {})
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         logps = b["logps"].to(dtype).requires_grad_()
         loss, _ = get("grpo")(inputs_of(b, logps))
@@ -245,7 +245,6 @@ def test_float32_and_bf16_accumulate_in_float32():
         exact = reference("grpo", {**plain(b), "logps": logps.detach().double().numpy()}, {})[0]
         assert loss.item() == pytest.approx(exact, rel=1e-5)
         np.testing.assert_allclose(logps.grad.double().numpy(), grad, atol=tol * np.abs(grad).max())
-    assert value == pytest.approx(get("grpo")(inputs_of(b))[0].item(), rel=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -355,8 +354,9 @@ def test_normalizers_count_what_the_protocol_says():
 
 
 def test_grpo_equal_reward_groups_get_the_bias():
-    b = make_batch(2, group_sizes=(3, 3, 1, 2))
-    rewards = torch.tensor([1.0, 1, 1, 0, 0, 0, 1, 0.3, 0.3])
+    b = make_batch(2, group_sizes=(3, 3, 1, 3))
+    # 0.1 * 3 / 3 != 0.1 in floating point: A must still be exactly b, not b + rounding / 1e-4.
+    rewards = torch.tensor([1.0, 1, 1, 0, 0, 0, 1, 0.1, 0.1, 0.1], dtype=torch.float64)
     s, mask = b["logps"], b["mask"]
     n = int(mask.sum())
     for hparams in ({}, {"std_scale": True}):
@@ -366,7 +366,7 @@ def test_grpo_equal_reward_groups_get_the_bias():
         assert stats["equal_reward_groups"] == 4 and stats["groups"] == 4
         assert stats["advantage_min"] == stats["advantage_max"] == 0.1
     loss, stats = get("grpo")(inputs_of(b, rewards=rewards), bias_scope="all_correct")
-    all_correct = torch.tensor([1, 1, 1, 0, 0, 0, 1, 0, 0], dtype=torch.bool)[:, None] & mask
+    all_correct = torch.tensor([1, 1, 1, 0, 0, 0, 1, 0, 0, 0], dtype=torch.bool)[:, None] & mask
     assert loss.item() == pytest.approx(-0.1 * float(s[all_correct].sum()) / n, rel=1e-12)
     assert stats["bias_groups"] == 2
 

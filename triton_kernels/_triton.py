@@ -7,8 +7,10 @@ before the kernel tests set `TRITON_INTERPRET=1`, so here the decision is made a
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 try:  # a broken install can raise more than ImportError (e.g. a missing libcuda symbol)
     import triton
@@ -54,7 +56,44 @@ class LazyJit:
         return self._by_mode[mode]
 
     def __getitem__(self, grid: Any) -> Any:
-        return self.variant()[grid]
+        launcher = self.variant()[grid]
+        if not interpreting():
+            return launcher
+        return functools.partial(_run_interpreted, launcher)
+
+
+def _run_interpreted(launcher: Callable, *args: Any, **kwargs: Any) -> Any:
+    with _language_helpers_interpretable():
+        return launcher(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _language_helpers_interpretable() -> Iterator[None]:
+    """Let interpreted kernels call triton.language's own jitted helpers (tl.sum, tl.max, tl.cdiv).
+
+    Those helpers were built when triton was imported; if TRITON_INTERPRET was unset then, they are
+    compiler objects that refuse direct calls, which is what the interpreter makes. For the launch's
+    duration such calls go through an `InterpretedFunction` of the same Python function instead.
+    Only the interpreter (tests on CPU) takes this path.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    original = JITFunction.__call__
+
+    def call_interpreted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.fn not in _INTERPRETED_HELPERS:
+            _INTERPRETED_HELPERS[self.fn] = InterpretedFunction(self.fn)
+        return _INTERPRETED_HELPERS[self.fn](*args, **kwargs)
+
+    JITFunction.__call__ = call_interpreted
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+
+
+_INTERPRETED_HELPERS: dict[Callable, Any] = {}
 
 
 def jit(fn: Callable) -> LazyJit:

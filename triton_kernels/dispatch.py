@@ -49,8 +49,13 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return True
 
 
+def poisoning() -> bool:
+    """True when ENGINE_KERNELS_POISON=1: Triton outputs start as NaN (tests)."""
+    return os.environ.get(ENV_POISON, "0") == "1"
+
+
 def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """An uninitialised output buffer; NaN-filled when ENGINE_KERNELS_POISON=1 (tests)."""
-    if os.environ.get(ENV_POISON, "0") == "1":
+    if poisoning():
         return torch.full(tuple(shape), float("nan"), dtype=dtype, device=device)
     return torch.empty(tuple(shape), dtype=dtype, device=device)

@@ -1,0 +1,163 @@
+"""report.md from the metrics.json dict: tables a reader can set beside the study's headline numbers
+(protocol.md section 1). Every number printed here is also in metrics.json.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+# The study's headline numbers (protocol.md section 1), keyed by method pair (unordered).
+HEADLINE_COSINE = {("sft", "rft"): 0.977, ("sft", "rift"): 0.967, ("sft", "dft"): 0.57, ("sft", "grpo"): 0.74}
+HEADLINE_ANGLE = {("sft", "rft"): 6.7, ("sft", "rift"): 8.2, ("sft", "grpo"): 18.5, ("sft", "dft"): 26.7,
+                  ("sft", "dpo"): 54.6}
+
+
+def _f(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def _p(x) -> str:
+    return "n/a" if x is None else (f"{x:.2e}" if x < 1e-3 else f"{x:.4f}")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def method_of(name: str) -> str:
+    """'sft', 'runs/sft/step-1000' -> 'sft': the first path component, lower-cased."""
+    return name.split("/")[0].lower()
+
+
+def _headline(metrics: dict) -> list[str]:
+    names = [r["name"] for r in metrics["runs"]]
+    geo = metrics["geometry"]
+    index = {method_of(n): i for i, n in enumerate(names)}
+    pair_index = {tuple(p): k for k, p in enumerate(metrics["pairs"])}
+    rows = []
+    for (a, b), study in HEADLINE_COSINE.items():
+        if a in index and b in index:
+            rows.append([f"cosine {a}-{b}", _f(study), _f(geo["cosine"]["global"][index[a]][index[b]])])
+    for (a, b), study in HEADLINE_ANGLE.items():
+        if a in index and b in index:
+            ia, ib = sorted((index[a], index[b]))
+            k = pair_index[(names[ia], names[ib])]
+            rows.append([f"median smallest left angle {a}-{b} (deg)", _f(study, 1),
+                         _f(geo["principal_angles"]["left"]["smallest"]["median"][k], 1)])
+    if "dpo" in index and "sft" in index:
+        n = geo["norms"]["global"]
+        rows.append(["norm ratio sft / dpo", "about 13", _f(n[index["sft"]] / n[index["dpo"]], 1)])
+    of = geo.get("orthogonal_fraction")
+    if of and "grpo" in index and method_of(of["reference"]) == "sft":
+        rows.append(["orthogonal fraction grpo vs sft (global)", "0.67", _f(of["vector"]["global"][index["grpo"]])])
+    if not rows:
+        return []
+    return ["## Against the study's headline numbers", "",
+            *_table(["quantity", "study", "this analysis"], rows), ""]
+
+
+def render(metrics: dict) -> str:
+    names = [r["name"] for r in metrics["runs"]]
+    geo = metrics["geometry"]
+    lines = ["# LoRA update geometry report", ""]
+    lines += _table(["run", "adapter", "r", "alpha", "scale", "base"],
+                    [[r["name"], f"`{r['adapter_dir']}`", str(r["r"]), f"{r['lora_alpha']:g}", f"{r['scale']:g}",
+                      str(r["base_model"])] for r in metrics["runs"]])
+    lines += ["", f"{len(metrics['modules'])} adapted modules over {len(metrics['layers'])} layers; "
+              f"schema: docs/analysis.md.", ""]
+    lines += _headline(metrics)
+
+    lines += ["## Cosine similarity of Delta W (all modules)", ""]
+    lines += _table(["", *names], [[a, *[_f(c) for c in row]] for a, row in zip(names, geo["cosine"]["global"])])
+    pairs = metrics["pairs"]
+    if pairs:
+        types = list(geo["cosine"]["per_type"])
+        lines += ["", "Per module type:", ""]
+        idx = {n: i for i, n in enumerate(names)}
+        lines += _table(["pair", *types], [[f"{a}-{b}", *[_f(geo["cosine"]["per_type"][t][idx[a]][idx[b]]) for t in types]]
+                                           for a, b in pairs])
+        pa = geo["principal_angles"]
+        lines += ["", f"## Principal angles between top-{pa['k']} singular subspaces (degrees, median [IQR] over modules)",
+                  ""]
+
+        def cell(side: str, which: str, k: int) -> str:
+            q = pa[side][which]
+            return f"{_f(q['median'][k], 1)} [{_f(q['q25'][k], 1)}, {_f(q['q75'][k], 1)}]"
+        lines += _table(["pair", "left smallest", f"left {pa['k']}-th", "right smallest", f"right {pa['k']}-th",
+                         "|<u1,u1'>| median", "|<v1,v1'>| median"],
+                        [[f"{a}-{b}", cell("left", "smallest", k), cell("left", "kth", k), cell("right", "smallest", k),
+                          cell("right", "kth", k), _f(geo["alignment"]["u1"]["median"][k]),
+                          _f(geo["alignment"]["v1"]["median"][k])] for k, (a, b) in enumerate(pairs)])
+
+    lines += ["", "## Norms and effective ranks", ""]
+    norms = geo["norms"]
+    of = geo.get("orthogonal_fraction")
+    header = ["run", "Frobenius norm (global)", "median module norm", "median effective rank"]
+    if of:
+        header += [f"orthogonal fraction vs {of['reference']} (global)", "last quarter of layers (mean)",
+                   f"subspace form, top-{of['subspace']['k']} (global)"]
+    rows = []
+    quarter = max(1, len(metrics["layers"]) // 4)
+    for i, name in enumerate(names):
+        row = [name, _f(norms["global"][i]), _f(statistics.median(norms["per_module"][i])),
+               _f(geo["effective_rank"]["median"][i], 2)]
+        if of:
+            last = [v for v in of["vector"]["per_layer"][i][-quarter:] if v is not None]
+            row += [_f(of["vector"]["global"][i]), _f(sum(last) / len(last) if last else None),
+                    _f(of["subspace"]["global"][i])]
+        rows.append(row)
+    lines += _table(header, rows)
+
+    if of:
+        ref = names.index(of["reference"])
+        others = [i for i in range(len(names)) if i != ref]
+        lines += ["", f"Per layer, cosine with {of['reference']} / orthogonal fraction:", ""]
+        lines += _table(["layer", *[names[i] for i in others]],
+                        [[str(layer), *[f"{_f(geo['cosine']['per_layer'][li][ref][i])} / "
+                                        f"{_f(of['vector']['per_layer'][i][li])}" for i in others]]
+                         for li, layer in enumerate(metrics["layers"])])
+
+    fs = metrics.get("function_space")
+    if fs:
+        lines += ["", f"## Function space ({fs['task']}/{fs['split']}, {fs['n_items']} items, answer style "
+                  f"{fs['style']})", ""]
+        if fs.get("lmc"):
+            lines += ["Linear mode connectivity, W(alpha) = W0 + alpha Delta_a + (1 - alpha) Delta_b; loss = mean "
+                      "token cross-entropy of the gold answer after the prompt.", ""]
+            lines += _table(["a", "b", "L(b)", "L(mid)", "L(a)", "barrier max - mean ends", "midpoint barrier",
+                             "barrier above line"],
+                            [[c["a"], c["b"], _f(c["loss"][c["alphas"].index(0.0)], 4),
+                              _f(c["loss"][c["alphas"].index(0.5)], 4) if 0.5 in c["alphas"] else "n/a",
+                              _f(c["loss"][c["alphas"].index(1.0)], 4), _f(c["barrier_max"], 4),
+                              _f(c["barrier_midpoint"], 4), _f(c["barrier_line"], 4)] for c in fs["lmc"]])
+            lines += [""]
+        if fs.get("cka"):
+            cka = fs["cka"]
+            third = max(1, len(cka["layers"]) // 3)
+            rows = []
+            for (a, b), vals in zip(cka["pairs"], cka["per_layer"]):
+                v = [x for x in vals if x is not None]
+                low = min(range(len(vals)), key=lambda i: vals[i] if vals[i] is not None else math.inf)
+                tail = [x for x in vals[-third:] if x is not None]
+                rows.append([f"{a}-{b}", _f(min(v) if v else None), str(cka["layers"][low]), _f(sum(v) / len(v) if v else None),
+                             _f(sum(tail) / len(tail) if tail else None)])
+            lines += [f"Per-layer CKA ({cka['mode']}; per-layer values in metrics.json and cka_per_layer.png):", ""]
+            lines += _table(["pair", "min", "layer of min", "mean", f"mean over last {third} layers"], rows)
+            lines += [""]
+
+    ev = metrics.get("evaluation")
+    if ev:
+        for task, res in ev.items():
+            lines += ["", f"## Accuracy: {task}", ""]
+            lines += _table(["run", "accuracy", "95% interval (Wilson)", "correct / n"],
+                            [[n, _f(a["accuracy"], 4), f"[{_f(a['ci95'][0], 4)}, {_f(a['ci95'][1], 4)}]",
+                              f"{a['correct']} / {a['n']}"] for n, a in res["accuracy"].items()])
+            lines += ["", "McNemar (b = a right and b wrong, c = the reverse):", ""]
+            lines += _table(["run a", "run b", "b", "c", "p exact", "p mid"],
+                            [[m["a"], m["b"], str(m["b"]), str(m["c"]), _p(m["p_exact"]), _p(m["p_mid"])]
+                             for m in res["mcnemar"]])
+    if metrics.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in metrics["plots"]]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,284 @@
+"""Rollouts -> validated records -> token ids with a completion mask -> step plans -> padded batches.
+
+A rollout file is JSONL, one completion per line: `prompt` (a string or chat messages), `completion`,
+`reward` (float), `group` (shared by the K rollouts of one prompt); optional `behavior_logps` (one per
+completion token, `<|im_end|>` included when the rollout finished), `answer`, `source`, `finished`.
+Bad lines fail the run by default (`on_bad="fail"`) or are skipped and counted (`on_bad="skip"`);
+nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import EngineError
+from .tokenizer import ChatTokenizer
+
+
+@dataclasses.dataclass
+class Rollout:
+    prompt: list[dict] | str
+    completion: str
+    reward: float
+    group: str
+    line: int
+    behavior_logps: list[float] | None = None
+    answer: str | None = None
+    source: str | None = None
+    finished: bool = True
+
+
+@dataclasses.dataclass
+class Example:
+    """One tokenised rollout: ids = prompt (chat template + generation prompt) + completion (+ <|im_end|>)."""
+    ids: list[int]
+    prompt_len: int
+    reward: float
+    group: int
+    line: int
+    text: str
+    behavior_logps: list[float] | None = None
+
+
+@dataclasses.dataclass
+class Skipped:
+    count: int = 0
+    reasons: list[str] = dataclasses.field(default_factory=list)
+
+    def add(self, err: EngineError) -> None:
+        self.count += 1
+        if len(self.reasons) < 20:
+            self.reasons.append(str(err))
+
+
+def _parse_line(raw: str, path: Path, line: int) -> Rollout:
+    def bad(msg: str, field: str | None = None) -> EngineError:
+        return EngineError(msg, path=path, line=line, field=field)
+
+    try:
+        obj = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise bad(f"not valid JSON ({e.msg})") from None
+    if not isinstance(obj, dict):
+        raise bad("expected a JSON object")
+    for field in ("prompt", "completion", "reward", "group"):
+        if field not in obj:
+            raise bad("missing required field", field)
+    prompt = obj["prompt"]
+    if isinstance(prompt, list):
+        if not prompt or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                 and isinstance(m.get("content"), str) for m in prompt):
+            raise bad("expected a string or a non-empty list of {role, content} messages", "prompt")
+    elif not isinstance(prompt, str) or not prompt:
+        raise bad("expected a non-empty string or chat messages", "prompt")
+    completion = obj["completion"]
+    if not isinstance(completion, str) or not completion.strip():
+        raise bad("empty completion" if isinstance(completion, str) else "expected a string", "completion")
+    reward = obj["reward"]
+    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
+        raise bad(f"expected a finite number, got {reward!r}", "reward")
+    group = obj["group"]
+    if isinstance(group, bool) or not isinstance(group, (str, int)):
+        raise bad(f"expected a string or integer, got {group!r}", "group")
+    blp = obj.get("behavior_logps")
+    if blp is not None:
+        if not isinstance(blp, list) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x <= 1e-6
+                for x in blp):
+            raise bad("expected a list of finite log-probs (<= 0)", "behavior_logps")
+    finished = obj.get("finished", True)
+    if not isinstance(finished, bool):
+        raise bad("expected true or false", "finished")
+    return Rollout(prompt=prompt, completion=completion, reward=float(reward), group=str(group), line=line,
+                   behavior_logps=[float(x) for x in blp] if blp is not None else None,
+                   answer=obj.get("answer"), source=obj.get("source"), finished=finished)
+
+
+def read_rollouts(path: str | os.PathLike, on_bad: str = "fail") -> tuple[list[Rollout], Skipped]:
+    """Parse and validate a rollouts JSONL file. Returns the rollouts and what was skipped."""
+    path = Path(path)
+    if on_bad not in ("fail", "skip"):
+        raise EngineError(f"on_bad must be 'fail' or 'skip', got {on_bad!r}", field="on_bad")
+    if not path.is_file():
+        raise EngineError("rollouts file not found", path=path)
+    rollouts, skipped = [], Skipped()
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for line_no, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    rollouts.append(_parse_line(raw, path, line_no))
+                except EngineError as e:
+                    if on_bad == "fail":
+                        raise
+                    skipped.add(e)
+        except UnicodeDecodeError as e:
+            raise EngineError(f"not UTF-8 text ({e.reason})", path=path) from None
+    if not rollouts:
+        raise EngineError("no rollouts" + (f" ({skipped.count} bad lines skipped)" if skipped.count else ""),
+                          path=path)
+    return rollouts, skipped
+
+
+def tokenize_rollouts(rollouts: Sequence[Rollout], tokenizer: ChatTokenizer, max_len: int, path: str = "",
+                      on_bad: str = "fail", enable_thinking: bool | None = None,
+                      skipped: Skipped | None = None) -> list[Example]:
+    """Chat-template each prompt, append the completion ids and `<|im_end|>` (when finished).
+
+    The completion mask runs from the first assistant token through `<|im_end|>`."""
+    skipped = skipped if skipped is not None else Skipped()
+    group_ids: dict[str, int] = {}
+    prompt_cache: dict[str, list[int]] = {}
+    examples = []
+    for r in rollouts:
+        key = json.dumps(r.prompt, sort_keys=True)
+        if key not in prompt_cache:
+            prompt_cache[key] = tokenizer.encode_chat(r.prompt, add_generation_prompt=True,
+                                                      enable_thinking=enable_thinking)
+        prompt_ids = prompt_cache[key]
+        completion_ids = tokenizer.encode(r.completion) + ([tokenizer.im_end_id] if r.finished else [])
+        try:
+            if len(prompt_ids) + len(completion_ids) > max_len:
+                raise EngineError(f"prompt + completion is {len(prompt_ids) + len(completion_ids)} tokens, "
+                                  f"longer than the maximum length {max_len}", path=path, line=r.line,
+                                  field="completion")
+            if r.behavior_logps is not None and len(r.behavior_logps) != len(completion_ids):
+                raise EngineError(f"{len(r.behavior_logps)} behavior log-probs for {len(completion_ids)} "
+                                  f"completion tokens (the completion re-tokenises differently)", path=path,
+                                  line=r.line, field="behavior_logps")
+        except EngineError as e:
+            if on_bad == "fail":
+                raise
+            skipped.add(e)
+            continue
+        gid = group_ids.setdefault(r.group, len(group_ids))
+        examples.append(Example(ids=prompt_ids + completion_ids, prompt_len=len(prompt_ids), reward=r.reward,
+                                group=gid, line=r.line, text=r.completion, behavior_logps=r.behavior_logps))
+    if not examples:
+        raise EngineError("no usable rollouts after validation", path=path)
+    return examples
+
+
+def build_pairs(examples: Sequence[Example], seed: int, mode: str = "one") -> list[tuple[int, int]]:
+    """DPO pairs (chosen, rejected) within a group: reward 1 vs reward 0.
+
+    mode "one" (default): one pair per group that has both, drawn with `seed`; "all": every pair."""
+    if mode not in ("one", "all"):
+        raise EngineError(f"dpo pairs must be 'one' or 'all', got {mode!r}", field="dpo_pairs")
+    gen = torch.Generator().manual_seed(seed)
+    pairs = []
+    for rows in groups_of(examples):
+        pos = [i for i in rows if examples[i].reward == 1.0]
+        neg = [i for i in rows if examples[i].reward == 0.0]
+        if not pos or not neg:
+            continue
+        if mode == "all":
+            pairs.extend((w, l) for w in pos for l in neg)
+        else:
+            w = pos[int(torch.randint(len(pos), (1,), generator=gen))]
+            l = neg[int(torch.randint(len(neg), (1,), generator=gen))]
+            pairs.append((w, l))
+    return pairs
+
+
+def groups_of(examples: Sequence[Example]) -> list[list[int]]:
+    """Row indices of each group, groups in order of first appearance."""
+    groups: dict[int, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(e.group, []).append(i)
+    return list(groups.values())
+
+
+def plan_steps(units: Sequence[Sequence[int]], unit_sizes: Sequence[int], batch_size: int, steps: int,
+               seed: int, unit_order: Sequence[int] | None = None) -> list[list[int]]:
+    """Which units (groups, or DPO pairs) each optimizer step uses.
+
+    Units are visited in a seeded permutation per epoch (the same for every loss, given the same
+    groups), and a step takes whole units until it holds `batch_size` examples. Returns, per step,
+    the list of unit indices."""
+    if not units:
+        raise EngineError("nothing to train on (no groups / pairs)")
+    plan, current, filled, epoch = [], [], 0, 0
+    while len(plan) < steps:
+        perm = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        for u in perm.tolist():
+            current.append(u)
+            filled += unit_sizes[u]
+            if filled >= batch_size:
+                plan.append(current)
+                current, filled = [], 0
+                if len(plan) == steps:
+                    break
+        epoch += 1
+    return plan
+
+
+def split_micro_batches(units: Sequence[Sequence[int]], lengths: Sequence[int], max_rows: int) -> list[list[int]]:
+    """Length bucketing: sort a step's units by their longest row, then pack whole units into
+    micro-batches of at most `max_rows` rows (a larger unit gets a micro-batch of its own)."""
+    order = sorted(units, key=lambda u: max(lengths[i] for i in u))
+    micro, current = [], []
+    for u in order:
+        if current and len(current) + len(u) > max_rows:
+            micro.append(current)
+            current = []
+        current.extend(u)
+    if current:
+        micro.append(current)
+    return micro
+
+
+@dataclasses.dataclass
+class Batch:
+    input_ids: torch.Tensor       # [B, T] right-padded
+    attention_mask: torch.Tensor  # [B, T] 1 = real token
+    mask: torch.Tensor            # [B, T] bool, completion tokens (position t scores token t)
+    rewards: torch.Tensor         # [B]
+    group_ids: torch.Tensor       # [B]
+    rows: list[int]               # dataset row of each batch row
+    behavior_logps: torch.Tensor | None = None  # [B, T]
+    ref_logps: torch.Tensor | None = None       # [B, T], cached reference log-probs
+
+    def to(self, device: torch.device) -> "Batch":
+        moved = {f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor)
+                          else getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return Batch(**moved)
+
+
+def collate(examples: Sequence[Example], rows: Sequence[int], pad_id: int) -> Batch:
+    T = max(len(examples[i].ids) for i in rows)
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    has_blp = all(examples[i].behavior_logps is not None for i in rows)
+    blp = torch.zeros(B, T, dtype=torch.float32) if has_blp else None
+    for b, i in enumerate(rows):
+        e = examples[i]
+        n = len(e.ids)
+        ids[b, :n] = torch.tensor(e.ids)
+        attn[b, :n] = 1
+        mask[b, e.prompt_len:n] = True
+        if blp is not None:
+            blp[b, e.prompt_len:n] = torch.tensor(e.behavior_logps)
+    return Batch(input_ids=ids, attention_mask=attn, mask=mask,
+                 rewards=torch.tensor([examples[i].reward for i in rows], dtype=torch.float32),
+                 group_ids=torch.tensor([examples[i].group for i in rows], dtype=torch.long),
+                 rows=list(rows), behavior_logps=blp)
+
+
+def describe(examples: Sequence[Example]) -> dict[str, Any]:
+    """Counts worth logging about a tokenised rollout set."""
+    groups = groups_of(examples)
+    mixed = sum(1 for g in groups if len({examples[i].reward for i in g}) > 1)
+    return {"rollouts": len(examples), "groups": len(groups), "groups_mixed_reward": mixed,
+            "positives": sum(e.reward == 1.0 for e in examples),
+            "completion_tokens": sum(len(e.ids) - e.prompt_len for e in examples),
+            "max_len": max(len(e.ids) for e in examples)}

@@ -1,0 +1,284 @@
+"""Rollout and evaluation drivers on top of `engine.sampler`.
+
+Rollouts: K sampled completions per task item, graded, appended to a JSONL file in the trainer's format
+(one completion per line; see `engine.data`). The K lines of a group are written with one write and an
+fsync, so an interrupted run leaves whole groups plus at most one torn tail; a rerun truncates the tail and
+skips the groups already written. Sample j of item `id` draws from seed `sequence_seed(seed, id, j)`, so
+a resumed run writes exactly what an uninterrupted one would have.
+
+Evaluation: greedy pass@1 (the protocol's evaluation), a per-item JSONL (id, completion, extracted
+answer, gold, correct) that the analysis pairs across runs for McNemar, and a summary with the accuracy
+and its 95% Wilson interval.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from .errors import EngineError
+from .fsio import atomic_file, write_json
+from .grading import extract_answer, grade
+from .sampler import Generation, SamplingParams, check_batch_size, check_context, generate, sequence_seed
+from .tasks import TaskItem, build_prompt, load_task
+from .tokenizer import ChatTokenizer
+
+THINKING = {"auto": None, "off": False}  # --thinking: None = template as is; False = empty think block
+
+
+def load_for_generation(model_path: str | os.PathLike, adapter: str | os.PathLike | None = None, *,
+                        tokenizer_path: str | os.PathLike | None = None, device: str | None = None,
+                        merge: bool = True) -> tuple[torch.nn.Module, ChatTokenizer]:
+    """The model (adapter applied, folded into the weights when `merge`: same function, faster decode)
+    and its tokenizer (from the model directory unless `tokenizer_path`)."""
+    from .checkpoint import load_model
+    from .lora import merge_adapter
+    from .tokenizer import load_tokenizer
+    model = load_model(model_path, device=device, adapter=adapter)
+    if adapter is not None and merge:
+        merge_adapter(model)
+    return model, load_tokenizer(tokenizer_path or model_path)
+
+
+def encode_prompts(tokenizer: ChatTokenizer, items: Sequence[TaskItem], style: str,
+                   enable_thinking: bool | None) -> tuple[list[list[dict]], list[list[int]]]:
+    messages = [build_prompt(item, style) for item in items]
+    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, enable_thinking=enable_thinking)
+             for m in messages]
+    return messages, tokenizer.encode_batch(texts)
+
+
+def completion_text(tokenizer: ChatTokenizer, gen: Generation) -> str:
+    """Decoded completion without the final stop token; special tokens kept so the text re-tokenises."""
+    ids = gen.token_ids[:-1] if gen.finished else gen.token_ids
+    return tokenizer.decode(ids, skip_special_tokens=False)
+
+
+class _Progress:
+    """A tqdm bar over completions with the decode throughput (generated tokens / s) as postfix."""
+
+    def __init__(self, total: int, desc: str) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True)
+        self.tokens, self.start, self.shown = 0, time.perf_counter(), 0.0
+
+    def on_step(self, n: int) -> None:
+        self.tokens += n
+        now = time.perf_counter()
+        if now - self.shown > 0.5:
+            self.shown = now
+            self.bar.set_postfix_str(f"{self.rate:.1f} tok/s", refresh=True)
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / max(time.perf_counter() - self.start, 1e-9)
+
+    def close(self) -> None:
+        self.bar.set_postfix_str(f"{self.rate:.1f} tok/s", refresh=False)
+        self.bar.close()
+
+
+# ---------------------------------------------------------------- rollouts
+def scan_rollout_file(path: Path, k: int, source: str) -> set[str]:
+    """Group ids fully written in `path`; truncates a torn tail (a partial line or an incomplete last
+    group). Raises EngineError for damage before the tail or a file from another task or K."""
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    done: set[str] = set()
+    keep_end = 0                      # byte offset just after the last complete group
+    group, count, offset, lineno = None, 0, 0, 0
+    bad: tuple[int, str] | None = None
+    while offset < len(data):
+        end = data.find(b"\n", offset)
+        lineno += 1
+        if end < 0:                   # no newline: a torn last line
+            bad = bad or (lineno, "incomplete last line")
+            break
+        raw, offset = data[offset:end], end + 1
+        try:
+            obj = json.loads(raw)
+            gid, src = obj["group"], obj.get("source")
+        except (ValueError, KeyError, TypeError):
+            bad = bad or (lineno, "not a rollout record")
+            continue
+        if bad is not None:
+            raise EngineError(f"damaged line {bad[0]} ({bad[1]}) is followed by valid records; not "
+                              "truncating (fix or move the file)", path=path, line=bad[0])
+        if src != source:
+            raise EngineError(f"file holds rollouts of task {src!r}, not {source!r}", path=path, line=lineno,
+                              field="source")
+        if gid != group:
+            if count not in (0, k):
+                raise EngineError(f"group {group!r} has {count} lines, expected --k {k}", path=path, line=lineno)
+            group, count = gid, 0
+            if gid in done:
+                raise EngineError(f"group {gid!r} appears twice", path=path, line=lineno, field="group")
+        count += 1
+        if count > k:
+            raise EngineError(f"group {gid!r} has more than --k {k} lines", path=path, line=lineno)
+        if count == k:
+            done.add(gid)
+            keep_end = offset
+    if keep_end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(keep_end)
+            f.flush()
+            os.fsync(f.fileno())
+        tqdm.write(f"{path}: dropped an incomplete tail ({len(data) - keep_end} bytes) from an interrupted run")
+    return done
+
+
+def rollout_items(model: torch.nn.Module, tokenizer: ChatTokenizer, items: Sequence[TaskItem], out: str | os.PathLike,
+                  params: SamplingParams, *, k: int = 4, seed: int = 0, batch_size: int = 32,
+                  style: str = "boxed", enable_thinking: bool | None = None, task: str | None = None
+                  ) -> dict[str, Any]:
+    """Append K graded completions per item to `out` (resuming); returns a summary dict."""
+    if k < 1:
+        raise EngineError(f"expected k >= 1, got {k}", field="k")
+    check_batch_size(batch_size)
+    out = Path(out)
+    source = task or (items[0].source if items else "")
+    done = scan_rollout_file(out, k, source)
+    pending = [item for item in items if item.id not in done]
+    messages, prompts = encode_prompts(tokenizer, pending, style, enable_thinking)
+    check_context(model, prompts, [item.id for item in pending])
+    order = sorted(range(len(pending)), key=lambda i: -len(prompts[i]))
+    per_chunk = max(1, batch_size // k)
+    progress = _Progress(len(pending) * k, f"rollout {source}")
+    rewards, truncated, retokenize_mismatch = [], 0, 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(out, "ab") as f:
+            for start in range(0, len(order), per_chunk):
+                chunk = order[start:start + per_chunk]
+                batch_prompts = [prompts[i] for i in chunk for _ in range(k)]
+                seeds = [sequence_seed(seed, pending[i].id, j) for i in chunk for j in range(k)]
+                gens = generate(model, batch_prompts, params, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                                seeds=seeds, batch_size=batch_size, on_step=progress.on_step)
+                for n, i in enumerate(chunk):
+                    item, lines = pending[i], []
+                    for gen in gens[n * k:(n + 1) * k]:
+                        body = gen.token_ids[:-1] if gen.finished else gen.token_ids
+                        text = completion_text(tokenizer, gen)
+                        reward = 1.0 if grade(text, item.gold) else 0.0
+                        rewards.append(reward)
+                        truncated += not gen.finished
+                        # A trainer that re-encodes the text gets other ids (and a behavior_logps length
+                        # mismatch) when the sampled tokenisation is not the canonical one: count them.
+                        retokenize_mismatch += tokenizer.encode(text) != body
+                        lines.append(json.dumps({
+                            "prompt": messages[i], "completion": text, "reward": reward, "group": item.id,
+                            "behavior_logps": gen.behavior_logps, "answer": item.gold, "source": source,
+                            "finished": gen.finished, "completion_ids": body}, ensure_ascii=False) + "\n")
+                    f.write("".join(lines).encode())  # one write per group: a crash tears at most the tail
+                    progress.bar.update(k)
+                f.flush()
+                os.fsync(f.fileno())
+    finally:
+        progress.close()
+    return {"path": str(out), "groups_skipped": len(done), "groups_written": len(pending),
+            "completions": len(rewards), "mean_reward": sum(rewards) / len(rewards) if rewards else None,
+            "truncated": truncated, "retokenize_mismatch": retokenize_mismatch,
+            "tokens": progress.tokens, "tokens_per_s": progress.rate}
+
+
+# ---------------------------------------------------------------- evaluation
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The Wilson score interval for a binomial proportion (95% by default)."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def evaluate_items(model: torch.nn.Module, tokenizer: ChatTokenizer, items: Sequence[TaskItem], *,
+                   max_new_tokens: int = 1024, batch_size: int = 32, style: str = "boxed",
+                   enable_thinking: bool | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Greedy pass@1. Returns per-item records (input order) and a summary dict."""
+    if not items:
+        raise EngineError("no items to evaluate (empty task or --limit 0)", field="limit")
+    check_batch_size(batch_size)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    _, prompts = encode_prompts(tokenizer, items, style, enable_thinking)
+    check_context(model, prompts, [item.id for item in items])
+    progress = _Progress(len(items), "eval")
+    records = []
+    try:
+        for start in range(0, len(items), batch_size * 8):  # chunks keep the bar moving
+            chunk = range(start, min(start + batch_size * 8, len(items)))
+            gens = generate(model, [prompts[i] for i in chunk], params, stop_ids=tokenizer.stop_ids,
+                            pad_id=tokenizer.pad_id, batch_size=batch_size, on_step=progress.on_step)
+            for i, gen in zip(chunk, gens):
+                text = completion_text(tokenizer, gen)
+                records.append({"id": items[i].id, "completion": text, "extracted": extract_answer(text),
+                                "gold": items[i].gold, "correct": grade(text, items[i].gold),
+                                "finished": gen.finished, "num_tokens": len(gen.token_ids)})
+            progress.bar.update(len(chunk))
+    finally:
+        progress.close()
+    correct = sum(r["correct"] for r in records)
+    lo, hi = wilson_interval(correct, len(records))
+    summary = {"n": len(records), "correct": correct, "accuracy": correct / len(records),
+               "ci95_wilson": [lo, hi], "truncated": sum(not r["finished"] for r in records),
+               "max_new_tokens": max_new_tokens, "style": style, "enable_thinking": enable_thinking,
+               "tokens": progress.tokens, "tokens_per_s": progress.rate}
+    return records, summary
+
+
+def summary_line(task: str, split: str, s: dict[str, Any]) -> str:
+    lo, hi = s["ci95_wilson"]
+    return (f"{task}/{split}: accuracy {s['accuracy']:.4f} ({s['correct']}/{s['n']}), "
+            f"95% CI [{lo:.4f}, {hi:.4f}] (Wilson), truncated {s['truncated']}")
+
+
+def write_eval(out_dir: str | os.PathLike, task: str, split: str, records: Sequence[dict],
+               summary: dict[str, Any]) -> tuple[Path, Path]:
+    """`<out>/<task>_<split>.jsonl` (per item) and `<out>/<task>_<split>_summary.json`, atomically."""
+    out_dir = Path(out_dir)
+    items_path, summary_path = out_dir / f"{task}_{split}.jsonl", out_dir / f"{task}_{split}_summary.json"
+    with atomic_file(items_path) as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_json(summary_path, summary)
+    return items_path, summary_path
+
+
+# ---------------------------------------------------------------- command entry points
+def run_rollout(model: str, *, task: str, split: str, out: str, k: int = 4, adapter: str | None = None,
+                limit: int | None = None, data_dir: str | None = None, params: SamplingParams,
+                batch_size: int = 32, seed: int = 0, thinking: str = "auto", style: str = "boxed",
+                device: str | None = None, tokenizer: str | None = None,
+                echo: Callable[[str], None] = print) -> dict[str, Any]:
+    items = load_task(task, split, data_dir=data_dir, limit=limit)
+    m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=device)
+    summary = rollout_items(m, tok, items, out, params, k=k, seed=seed, batch_size=batch_size, style=style,
+                            enable_thinking=THINKING[thinking], task=task)
+    reward = "n/a" if summary["mean_reward"] is None else f"{summary['mean_reward']:.4f}"
+    echo(f"{out}: wrote {summary['groups_written']} groups ({summary['completions']} completions, mean reward "
+         f"{reward}, {summary['truncated']} truncated), skipped {summary['groups_skipped']} already written; "
+         f"{summary['tokens_per_s']:.1f} tok/s")
+    return summary
+
+
+def run_eval(model: str, *, task: str, split: str, adapter: str | None = None, limit: int | None = None,
+             data_dir: str | None = None, out: str | None = None, max_new_tokens: int = 1024,
+             batch_size: int = 32, thinking: str = "auto", style: str = "boxed", device: str | None = None,
+             tokenizer: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    items = load_task(task, split, data_dir=data_dir, limit=limit)
+    m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=device)
+    records, summary = evaluate_items(m, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                      style=style, enable_thinking=THINKING[thinking])
+    summary = {"task": task, "split": split, "model": str(model), "adapter": adapter, **summary}
+    if out is not None:
+        write_eval(out, task, split, records, summary)
+    echo(summary_line(task, split, summary))
+    return summary

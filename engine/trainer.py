@@ -1,0 +1,229 @@
+"""One training loop for all six losses (and full-parameter training of the embedded base model).
+
+rollouts -> tokenised examples -> step plan (whole groups, or DPO pairs) -> micro-batches ->
+per-token log-probs -> loss (normalised over the whole optimizer step) -> clip -> AdamW -> checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+import losses
+from losses import LossInputs
+
+from . import checkpointing as ckpt
+from .checkpoint import load_model
+from .data import (Batch, Example, Skipped, build_pairs, collate, describe, groups_of, plan_steps,
+                   read_rollouts, split_micro_batches, tokenize_rollouts)
+from .errors import EngineError, TrainingDiverged
+from .logprobs import token_logprobs
+from .lora import LoRAConfig, apply_lora
+from .optim import AdamW, CosineSchedule
+from .tokenizer import load_tokenizer
+from .train_config import TrainConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class Units:
+    """What a step is made of: groups of rows (or DPO pairs), each kept whole in one micro-batch."""
+    rows: list[list[int]]
+    size: list[int]          # how many examples each unit counts for in the batch size
+
+
+def build_units(examples: list[Example], cfg: TrainConfig) -> Units:
+    if cfg.loss == "dpo":
+        pairs = build_pairs(examples, cfg.seed, cfg.dpo_pairs)
+        if not pairs:
+            raise EngineError("no DPO pairs: no group has both a reward-1 and a reward-0 rollout",
+                              path=cfg.rollouts)
+        return Units(rows=[list(p) for p in pairs], size=[1] * len(pairs))
+    groups = groups_of(examples)
+    return Units(rows=groups, size=[len(g) for g in groups])
+
+
+def needs_reference(cfg: TrainConfig) -> bool:
+    return cfg.loss == "dpo" or float(cfg.hparams_for(cfg.loss).get("kl_beta", 0.0) or 0.0) > 0
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> None:
+        if cfg.loss not in losses.names():
+            raise EngineError(f"unknown loss {cfg.loss!r}; choose from {', '.join(losses.names())}", field="loss")
+        self.cfg, self.progress = cfg, progress
+        self.out = Path(cfg.out)
+        self.hparams = cfg.hparams_for(cfg.loss)
+        losses.get(cfg.loss)  # validates the name; hyperparameter names are checked on first call
+        unknown = set(self.hparams) - set(losses.hyperparameters(cfg.loss))
+        if unknown:
+            raise EngineError(f"unknown hyperparameter(s) {sorted(unknown)} for loss {cfg.loss!r}; valid: "
+                              f"{sorted(losses.hyperparameters(cfg.loss))}", field=f"loss_hparams.{cfg.loss}")
+        if self.hparams.get("clip_eps") is not None and cfg.loss == "grpo":
+            self._need_behavior = True
+        else:
+            self._need_behavior = False
+        self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
+        if not resume and ckpt.has_checkpoints(self.out):
+            raise EngineError("output directory already holds a run; pass --resume to continue it or "
+                              "choose another --out", path=self.out)
+        self._setup()
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        cfg = self.cfg
+        device = torch.device(cfg.device) if cfg.device else None
+        dtype = DTYPES[cfg.dtype] if cfg.dtype else None
+        self.model = load_model(cfg.model, dtype=dtype, device=device)
+        self.device = self.model.device
+        self.tokenizer = load_tokenizer(cfg.model)
+        max_ctx = self.model.config.max_position_embeddings
+        if cfg.max_len > max_ctx:
+            raise EngineError(f"max_len {cfg.max_len} exceeds the model's context {max_ctx}", field="max_len")
+        rollouts, skipped = read_rollouts(cfg.rollouts, cfg.on_bad)
+        self.examples = tokenize_rollouts(rollouts, self.tokenizer, cfg.max_len, path=cfg.rollouts,
+                                          on_bad=cfg.on_bad, enable_thinking=cfg.enable_thinking, skipped=skipped)
+        self.skipped = skipped
+        if skipped.count:
+            tqdm.write(f"skipped {skipped.count} bad rollout lines (on_bad=skip), e.g. {skipped.reasons[0]}")
+        if self._need_behavior and any(e.behavior_logps is None for e in self.examples):
+            raise EngineError("the clipped ratio needs behavior_logps, absent from some rollouts",
+                              path=cfg.rollouts, field="behavior_logps")
+        self.data_stats = describe(self.examples)
+        self.dedup_dropped = 0
+        if cfg.loss == "rft" and cfg.rft_dedup:
+            from losses.rft import dedup_mask
+            keep = dedup_mask([e.text for e in self.examples], [e.group for e in self.examples],
+                              [e.reward for e in self.examples])
+            self.dedup_dropped = len(self.examples) - int(sum(bool(k) for k in keep))
+            self.examples = [e for e, k in zip(self.examples, keep) if k]
+        self.units = build_units(self.examples, cfg)
+        self.plan = plan_steps(self.units.rows, self.units.size, cfg.batch_size, cfg.steps, cfg.seed)
+        if cfg.full_finetune:
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+        else:
+            apply_lora(self.model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                              target_modules=tuple(cfg.lora_targets), use_rslora=cfg.use_rslora),
+                       seed=cfg.seed)
+        self.model.gradient_checkpointing = cfg.gradient_checkpointing
+        self.ref_logps = None
+        if needs_reference(cfg):
+            from .refcache import load_or_compute
+            cache_dir = Path(cfg.ref_cache) if cfg.ref_cache else self.out.parent
+            self.ref_logps = load_or_compute(self.model, self.examples, self.tokenizer.pad_id, cache_dir,
+                                             cfg.micro_batch_size)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        lr = cfg.lr_for(cfg.loss)
+        self.schedule = CosineSchedule(lr, cfg.steps, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio)
+        self.optimizer = AdamW([{"params": params, "lr": lr, "weight_decay": cfg.weight_decay}],
+                               betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, schedule=self.schedule)
+        self.start_step = 0
+        if self.resume_from is not None:
+            self.start_step = ckpt.restore(self.resume_from, self.model, self.optimizer, cfg)
+
+    # ---- one step -------------------------------------------------------------------------------
+    def _micro_batches(self, units: list[list[int]]) -> list[tuple[Batch, torch.Tensor | None]]:
+        lengths = [len(e.ids) for e in self.examples]
+        out = []
+        for rows in split_micro_batches(units, lengths, self.cfg.micro_batch_size):
+            b = collate(self.examples, rows, self.tokenizer.pad_id)
+            if self.ref_logps is not None:
+                b.ref_logps = torch.zeros(b.mask.shape, dtype=torch.float32)
+                for j, i in enumerate(rows):
+                    e = self.examples[i]
+                    b.ref_logps[j, e.prompt_len:len(e.ids)] = self.ref_logps[i]
+            # DPO units are [chosen, rejected], so pairs are consecutive rows of the micro-batch.
+            pairs = torch.arange(len(rows), device=self.device).view(-1, 2) if self.cfg.loss == "dpo" else None
+            out.append((b.to(self.device), pairs))
+        return out
+
+    def _accumulate(self, micro: list[tuple[Batch, torch.Tensor | None]], step: int,
+                    backward: bool) -> tuple[float, dict[str, float], int, float]:
+        """Sum the loss over a step's micro-batches (each divided by the step's normaliser, so
+        accumulation gives one big batch's gradient); backprop each when `backward`."""
+        loss_fn, norm_fn = losses.get(self.cfg.loss), losses.get_normalizer(self.cfg.loss)
+        normaliser = sum(norm_fn(b.mask, b.rewards, pairs=p, **self.hparams) for b, p in micro)
+        total_loss, stats_sum, tokens = 0.0, {}, 0
+        for b, pairs in micro:
+            logps = token_logprobs(self.model, b.input_ids, b.attention_mask, score_mask=b.mask)
+            inputs = LossInputs(logps=logps, mask=b.mask, rewards=b.rewards, group_ids=b.group_ids,
+                                ref_logps=b.ref_logps, behavior_logps=b.behavior_logps, pairs=pairs,
+                                num_tokens=max(normaliser, 1e-12))
+            loss, stats = loss_fn(inputs, **self.hparams)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"non-finite loss {float(loss.detach())} at step {step + 1} on rollout lines "
+                                       f"{[self.examples[i].line for i in b.rows]}")
+            if backward:
+                loss.backward()
+            total_loss += float(loss.detach())
+            tokens += int(b.attention_mask.sum())
+            for k, v in stats.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    stats_sum.setdefault(k, []).append(v)
+        # Counts add up over micro-batches; rates and means are averaged.
+        merged = {k: (sum(v) if all(isinstance(x, int) for x in v) else sum(v) / len(v))
+                  for k, v in stats_sum.items()}
+        return total_loss, merged, tokens, normaliser
+
+    def train_step(self, step: int) -> dict[str, Any]:
+        micro = self._micro_batches([self.units.rows[u] for u in self.plan[step]])
+        self.model.train()
+        loss, stats, tokens, normaliser = self._accumulate(micro, step, backward=True)
+        grad_norm = self.optimizer.clip_grad_norm(self.cfg.grad_clip)
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"non-finite gradient norm at step {step + 1} on rollout lines "
+                                   f"{sorted(self.examples[i].line for b, _ in micro for i in b.rows)}")
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return {"step": step + 1, "loss": loss, "lr": self.optimizer.last_lrs[0], "grad_norm": grad_norm,
+                "tokens": tokens, "normaliser": normaliser, "micro_batches": len(micro),
+                **{f"stats/{k}": v for k, v in stats.items()}}
+
+    @torch.no_grad()
+    def objective(self) -> float:
+        """The loss over the whole rollout set as one batch (no update): what training lowers."""
+        self.model.eval()
+        return self._accumulate(self._micro_batches(self.units.rows), -1, backward=False)[0]
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def run(self) -> Path:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        metrics = ckpt.MetricsLog(self.out / "metrics.jsonl", keep_until=self.start_step)
+        metrics.write({"event": "start", "loss": cfg.loss, "resumed_from": self.start_step,
+                       "data": self.data_stats, "skipped_lines": self.skipped.count,
+                       "units": len(self.units.rows), "rft_dedup_dropped": self.dedup_dropped,
+                       "config": cfg.to_dict()})
+        bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps,
+                   desc=f"train {cfg.loss}", unit="step", disable=not self.progress, dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for step in bar:
+            t = time.perf_counter()
+            row = self.train_step(step)
+            dt = time.perf_counter() - t
+            row.update(step_time=dt, tok_s=row["tokens"] / dt, elapsed=time.perf_counter() - t0)
+            metrics.write(row)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_s']:.0f}")
+            done = step + 1
+            if done < cfg.steps and ((cfg.save_every and done % cfg.save_every == 0)
+                                     or done in cfg.checkpoint_steps):
+                ckpt.save(self.out / f"step-{done}", self.model, self.optimizer, cfg, done)
+        final = self.out / "final"
+        ckpt.save(final, self.model, self.optimizer, cfg, cfg.steps)
+        metrics.write({"event": "end", "final": str(final)})
+        metrics.close()
+        return final
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train one run into cfg.out (locked against a second writer); returns the final checkpoint."""
+    with ckpt.OutputLock(Path(cfg.out)):
+        return Trainer(cfg, resume=resume, progress=progress).run()

@@ -1,0 +1,92 @@
+"""Rollout parsing and validation, tokenisation with the completion mask, pairs, step plans."""
+import json
+
+import pytest
+import torch
+
+import engine
+from engine.data import (build_pairs, collate, groups_of, plan_steps, read_rollouts, split_micro_batches,
+                         tokenize_rollouts)
+from engine.errors import EngineError
+from helpers import QWEN3_TOKENIZER, write_rollouts
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return engine.load_tokenizer(QWEN3_TOKENIZER)
+
+
+GOOD = {"prompt": "What is 2+2?", "completion": "#### 4", "reward": 1.0, "group": "a"}
+
+
+@pytest.mark.parametrize("line,field,message", [
+    ("{not json", None, "not valid JSON"),
+    ("[1, 2]", None, "expected a JSON object"),
+    (json.dumps({k: v for k, v in GOOD.items() if k != "reward"}), "reward", "missing required field"),
+    (json.dumps({**GOOD, "reward": float("nan")}).replace("NaN", "NaN"), "reward", "finite"),
+    (json.dumps({**GOOD, "reward": "1"}), "reward", "finite number"),
+    (json.dumps({**GOOD, "completion": "  "}), "completion", "empty completion"),
+    (json.dumps({**GOOD, "prompt": [{"role": "user"}]}), "prompt", "messages"),
+    (json.dumps({**GOOD, "group": None}), "group", "string or integer"),
+    (json.dumps({**GOOD, "behavior_logps": [0.5]}), "behavior_logps", "log-probs"),
+])
+def test_validation_names_file_line_field(tmp_path, line, field, message):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + line + "\n")
+    with pytest.raises(EngineError) as info:
+        read_rollouts(path)
+    e = info.value
+    assert e.line == 2 and e.field == field and message in str(e) and str(path) in str(e)
+    rollouts, skipped = read_rollouts(path, on_bad="skip")
+    assert len(rollouts) == 1 and skipped.count == 1
+
+
+def test_completion_mask_and_chat_template(tok, tmp_path):
+    path = write_rollouts(tmp_path / "r.jsonl", n_groups=3)
+    rollouts, _ = read_rollouts(path)
+    examples = tokenize_rollouts(rollouts, tok, max_len=256)
+    e = examples[0]
+    prompt_text = tok.decode(e.ids[:e.prompt_len], skip_special_tokens=False)
+    assert prompt_text.endswith("<|im_start|>assistant\n")
+    assert e.ids[-1] == tok.im_end_id
+    assert tok.decode(e.ids[e.prompt_len:-1]) == rollouts[0].completion
+    b = collate(examples, [0, 5, 2], tok.pad_id)
+    for j, i in enumerate([0, 5, 2]):
+        n, p = len(examples[i].ids), examples[i].prompt_len
+        assert b.mask[j].nonzero().flatten().tolist() == list(range(p, n))
+        assert b.attention_mask[j].sum() == n
+
+
+def test_too_long_and_behavior_length(tok, tmp_path):
+    path = write_rollouts(tmp_path / "r.jsonl", n_groups=2)
+    rollouts, _ = read_rollouts(path)
+    with pytest.raises(EngineError, match="longer than the maximum length 10"):
+        tokenize_rollouts(rollouts, tok, max_len=10, path=str(path))
+    rollouts[0].behavior_logps = [-1.0, -2.0]
+    with pytest.raises(EngineError, match="behavior log-probs") as info:
+        tokenize_rollouts(rollouts, tok, max_len=256, path=str(path))
+    assert info.value.line == 1
+
+
+def test_pairs_and_plans(tok, tmp_path):
+    rollouts, _ = read_rollouts(write_rollouts(tmp_path / "r.jsonl", n_groups=9))
+    examples = tokenize_rollouts(rollouts, tok, max_len=256)
+    pairs = build_pairs(examples, seed=3)
+    mixed = [g for g in groups_of(examples) if len({examples[i].reward for i in g}) == 2]
+    assert len(pairs) == len(mixed)
+    for w, l in pairs:
+        assert examples[w].reward == 1 and examples[l].reward == 0 and examples[w].group == examples[l].group
+    assert build_pairs(examples, seed=3) == pairs
+    all_pairs = build_pairs(examples, seed=3, mode="all")
+    assert len(all_pairs) == sum(sum(examples[i].reward == 1 for i in g) * sum(examples[i].reward == 0 for i in g)
+                                 for g in mixed)
+    groups = groups_of(examples)
+    plan = plan_steps(groups, [len(g) for g in groups], batch_size=8, steps=7, seed=1)
+    assert len(plan) == 7 and all(sum(len(groups[u]) for u in step) == 8 for step in plan)
+    # One epoch visits every group once before any repeats.
+    first_epoch = [u for step in plan[:4] for u in step]
+    assert len(set(first_epoch)) == len(first_epoch) == 8
+    lengths = [len(e.ids) for e in examples]
+    micro = split_micro_batches([groups[u] for u in plan[0]], lengths, max_rows=4)
+    assert sorted(i for m in micro for i in m) == sorted(i for u in plan[0] for i in groups[u])
+    assert all(len(m) <= 4 for m in micro)
