@@ -53,10 +53,16 @@ PRESETS = ("cpu", "paper")
 @click.option("--full-finetune", is_flag=True, default=None, help="Train every weight (no LoRA).")
 @click.option("--device", default=None)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@click.option("--fsdp/--no-fsdp", default=None,
+              help="Under torchrun: shard the frozen base weights across ranks (FSDP2); LoRA stays replicated.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train(loss, preset, config_path, resume, quiet, **flags) -> None:
-    """Train a LoRA adapter with one of the six offline losses."""
+    """Train a LoRA adapter with one of the six offline losses.
+
+    Multi-GPU / multi-process: `torchrun --nproc-per-node N cli.py train ...` (data parallel; same
+    global batch and schedule as one process; rank 0 writes the files)."""
     import losses as loss_registry
+    from engine import distributed
     from engine.train_config import REPO_ROOT, load_config
     from engine.trainer import train as run_training
 
@@ -68,16 +74,20 @@ def train(loss, preset, config_path, resume, quiet, **flags) -> None:
                           field="--loss")
     lr = flags.pop("lr")
     out = flags.pop("out")
-    for name in names:
-        cfg = load_config(config_path, loss=name, **flags)
-        if lr is not None:
-            cfg.lr, cfg.lr_per_loss = lr, {}
-        if out is not None:
-            cfg.out = str(out) if loss != "all" else f"{out}/{name}"
-        elif cfg.out == "runs/default" or loss == "all":
-            cfg.out = f"runs/{name}" if loss != "all" else f"runs/all/{name}"
-        final = run_training(cfg, resume=resume, progress=not quiet)
-        click.echo(f"{name}: adapter written to {final}")
+    try:
+        for name in names:
+            cfg = load_config(config_path, loss=name, **flags)
+            if lr is not None:
+                cfg.lr, cfg.lr_per_loss = lr, {}
+            if out is not None:
+                cfg.out = str(out) if loss != "all" else f"{out}/{name}"
+            elif cfg.out == "runs/default" or loss == "all":
+                cfg.out = f"runs/{name}" if loss != "all" else f"runs/all/{name}"
+            final = run_training(cfg, resume=resume, progress=not quiet)
+            if distributed.setup(cfg.device).is_main:
+                click.echo(f"{name}: adapter written to {final}")
+    finally:
+        distributed.shutdown()
 
 
 def _generation_options(f):
@@ -95,6 +105,7 @@ def _generation_options(f):
         click.option("--style", default="boxed", show_default=True, help="Answer format asked for: boxed, gsm8k."),
         click.option("--tokenizer", default=None, help="Tokenizer directory (default: the model's)."),
         click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available)."),
+        click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's)."),
     ]):
         f = option(f)
     return f
@@ -125,6 +136,34 @@ def eval_command(**flags) -> None:
     """Greedy pass@1 with a 95% Wilson interval; per-item results for McNemar."""
     from engine.rollout import run_eval
     run_eval(echo=click.echo, **flags)
+
+
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--base", default=None, help="Base model dir (weights enable LMC and CKA; a config.json alone "
+              "is enough for geometry).")
+@click.option("--reference", default="sft", show_default=True, help="Run the orthogonal fraction is taken against.")
+@click.option("--eval-dir", default=None, type=click.Path(), help="EVAL_DIR/<run>/<task>_<split>.jsonl for McNemar.")
+@click.option("--out", default="reports/analysis", show_default=True, type=click.Path())
+@click.option("--checkpoint", default="final", show_default=True, help="Which checkpoint of each run (e.g. step-1000).")
+@click.option("--k", type=int, default=10, show_default=True, help="Top-k singular subspaces for principal angles.")
+@click.option("--function-space/--no-function-space", default=None,
+              help="LMC and CKA (default: when --base has weights).")
+@click.option("--task", default="gsm8k", show_default=True, help="Items for LMC and CKA.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--style", default=None, help="Answer format for the LMC loss (default: the task's).")
+@click.option("--n-items", type=int, default=100, show_default=True)
+@click.option("--lmc-points", type=int, default=11, show_default=True)
+@click.option("--lmc-pairs", type=click.Choice(["reference", "all"]), default="reference", show_default=True)
+@click.option("--cka-mode", type=click.Choice(["mean", "tokens"]), default="mean", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--device", default=None)
+@click.option("--data-dir", default=None, type=click.Path())
+def analyze(run_dirs, **flags) -> None:
+    """Compare the weight updates of several runs (geometry, LMC, CKA) and their accuracies (McNemar)."""
+    from analysis import run_analysis
+    run_analysis(list(run_dirs), echo=click.echo, **flags)
+    click.echo(f"report: {flags['out']}/report.md")
 
 
 if __name__ == "__main__":

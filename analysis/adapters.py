@@ -123,6 +123,8 @@ def _read_factors(adapter_dir: Path, r: int) -> dict[str, dict[str, torch.Tensor
                     raise EngineError(f"tensor {key!r} is not a LoRA factor "
                                       f"('{PEFT_PREFIX}<module>.lora_A.weight' or '.lora_B.weight')", path=path)
                 t = sf.get_tensor(key)
+                if not bool(torch.isfinite(t).all()):
+                    raise EngineError(f"tensor {key!r} holds NaN or inf (a diverged run?)", path=path)
                 out.setdefault(m["module"], {})[m["kind"]] = t
     except SafetensorError as e:
         raise EngineError(f"corrupt or truncated safetensors file ({e})", path=path) from None

@@ -49,15 +49,14 @@ def compute_geometry(aset: AdapterSet, k: int = 10, reference: int | None = None
     align_v = torch.empty(P, M, dtype=torch.float64)
     proj_sq = torch.empty(R, M, dtype=torch.float64) if reference is not None else None
     for b in aset.buckets:
-        U, Sb, V = factored_svd(b.A, b.B, scales[:, None])           # [R, Mb, out, r], [R, Mb, r], ...
+        Uk, Sb, Vk = factored_svd(b.A, b.B, scales[:, None], k=kk)   # [R, Mb, out, k], [R, Mb, r], [R, Mb, in, k]
         S[:, b.index] = Sb
         inner[:, :, b.index] = frobenius_inner(b.A, b.B) * (scales[:, None, None] * scales[None, :, None])
-        Uk, Vk = U[..., :kk], V[..., :kk]
         if P:
             angles_l[:, b.index] = principal_angles(Uk[ii], Uk[jj])
             angles_r[:, b.index] = principal_angles(Vk[ii], Vk[jj])
-            align_u[:, b.index] = (U[ii, ..., 0] * U[jj, ..., 0]).sum(-1).abs()
-            align_v[:, b.index] = (V[ii, ..., 0] * V[jj, ..., 0]).sum(-1).abs()
+            align_u[:, b.index] = (Uk[ii, ..., 0] * Uk[jj, ..., 0]).sum(-1).abs()
+            align_v[:, b.index] = (Vk[ii, ..., 0] * Vk[jj, ..., 0]).sum(-1).abs()
         if proj_sq is not None:
             # U_s^T Delta_g V_s = scale_g (U_s^T B_g)(A_g V_s): k x k, no Delta formed.
             core = (Uk[reference].mT @ b.B) @ (b.A @ Vk[reference])   # [R, Mb, k, k]

@@ -25,19 +25,21 @@ def cosine(a, b, dim: int | tuple[int, ...] | None = None) -> torch.Tensor:
     return dot / (a.square().sum(dim).sqrt() * b.square().sum(dim).sqrt())
 
 
-def factored_svd(A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | float
+def factored_svd(A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor | float, k: int | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD of Delta W = scale * B A without forming it.
 
-    A [..., r, in], B [..., out, r], scale broadcastable to [...]. Returns U [..., out, r],
-    S [..., r] (descending), V [..., in, r] with Delta W = U diag(S) V^T. B = Q_B R_B, A^T = Q_A R_A,
-    and the SVD of the r x r core scale * R_B R_A^T rotates the two orthonormal bases."""
+    A [..., r, in], B [..., out, r], scale broadcastable to [...]. Returns U [..., out, k],
+    S [..., r] (descending, all r), V [..., in, k] (k = r unless given) with
+    Delta W = U diag(S) V^T when k = r. B = Q_B R_B, A^T = Q_A R_A, and the SVD of the r x r core
+    scale * R_B R_A^T = U_c S V_c^T rotates the two orthonormal bases: U = Q_B U_c, V = Q_A V_c."""
     Q_B, R_B = torch.linalg.qr(B)
     Q_A, R_A = torch.linalg.qr(A.mT)
     scale = torch.as_tensor(scale, dtype=R_B.dtype)
     core = scale.reshape(scale.shape + (1, 1)) * (R_B @ R_A.mT)
     U_c, S, V_cT = torch.linalg.svd(core)
-    return Q_B @ U_c, S, Q_A @ V_cT.mT
+    k = S.shape[-1] if k is None else k
+    return Q_B @ U_c[..., :k], S, Q_A @ V_cT[..., :k, :].mT
 
 
 def frobenius_inner(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

@@ -112,7 +112,7 @@ def draw_all(metrics: dict, out_dir: str | os.PathLike) -> list[str]:
     """Every plot the metrics support; returns the file names written (relative to out_dir)."""
     out_dir = Path(out_dir)
     written = [cosine_heatmap(metrics, out_dir / "cosine_heatmap.png")]
-    if "orthogonal_fraction" in metrics["geometry"]:
+    if "orthogonal_fraction" in metrics["geometry"] and len(metrics["runs"]) > 1:
         written.append(per_layer(metrics, out_dir / "per_layer_cosine_orthogonal.png"))
     if metrics["pairs"]:
         written.append(angle_distributions(metrics, out_dir / "principal_angles.png"))

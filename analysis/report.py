@@ -7,7 +7,8 @@ import math
 import statistics
 
 # The study's headline numbers (protocol.md section 1), keyed by method pair (unordered).
-HEADLINE_COSINE = {("sft", "rft"): 0.977, ("sft", "rift"): 0.967, ("sft", "dft"): 0.57, ("sft", "grpo"): 0.74}
+HEADLINE_COSINE = {("sft", "rft"): 0.977, ("sft", "rift"): 0.967, ("sft", "dft"): 0.57, ("sft", "grpo"): 0.74,
+                   ("sft", "dpo"): 0.06}
 HEADLINE_ANGLE = {("sft", "rft"): 6.7, ("sft", "rift"): 8.2, ("sft", "grpo"): 18.5, ("sft", "dft"): 26.7,
                   ("sft", "dpo"): 54.6}
 
@@ -52,6 +53,17 @@ def _headline(metrics: dict) -> list[str]:
     of = geo.get("orthogonal_fraction")
     if of and "grpo" in index and method_of(of["reference"]) == "sft":
         rows.append(["orthogonal fraction grpo vs sft (global)", "0.67", _f(of["vector"]["global"][index["grpo"]])])
+    cka = (metrics.get("function_space") or {}).get("cka")
+    if cka:
+        by_pair = {frozenset(map(method_of, p)): v for p, v in zip(cka["pairs"], cka["per_layer"])}
+        if frozenset(("sft", "rift")) in by_pair:
+            vals = [v for v in by_pair[frozenset(("sft", "rift"))] if v is not None]
+            rows.append(["min per-layer CKA sft-rift", "above 0.99", _f(min(vals)) if vals else "n/a"])
+        for other in ("grpo", "dft"):
+            key = frozenset(("dpo", other))
+            late = [v for layer, v in zip(cka["layers"], by_pair.get(key, [])) if layer >= 25 and v is not None]
+            if late:
+                rows.append([f"mean CKA dpo-{other}, layers 25 on", "about 0.45", _f(sum(late) / len(late))])
     if not rows:
         return []
     return ["## Against the study's headline numbers", "",
@@ -86,7 +98,7 @@ def render(metrics: dict) -> str:
             q = pa[side][which]
             return f"{_f(q['median'][k], 1)} [{_f(q['q25'][k], 1)}, {_f(q['q75'][k], 1)}]"
         lines += _table(["pair", "left smallest", f"left {pa['k']}-th", "right smallest", f"right {pa['k']}-th",
-                         "|<u1,u1'>| median", "|<v1,v1'>| median"],
+                         "median abs(<u1, u1'>)", "median abs(<v1, v1'>)"],
                         [[f"{a}-{b}", cell("left", "smallest", k), cell("left", "kth", k), cell("right", "smallest", k),
                           cell("right", "kth", k), _f(geo["alignment"]["u1"]["median"][k]),
                           _f(geo["alignment"]["v1"]["median"][k])] for k, (a, b) in enumerate(pairs)])
@@ -156,7 +168,7 @@ def render(metrics: dict) -> str:
                               f"{a['correct']} / {a['n']}"] for n, a in res["accuracy"].items()])
             lines += ["", "McNemar (b = a right and b wrong, c = the reverse):", ""]
             lines += _table(["run a", "run b", "b", "c", "p exact", "p mid"],
-                            [[m["a"], m["b"], str(m["b"]), str(m["c"]), _p(m["p_exact"]), _p(m["p_mid"])]
+                            [[m["run_a"], m["run_b"], str(m["b"]), str(m["c"]), _p(m["p_exact"]), _p(m["p_mid"])]
                              for m in res["mcnemar"]])
     if metrics.get("plots"):
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in metrics["plots"]]

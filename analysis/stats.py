@@ -119,6 +119,6 @@ def evaluation(eval_dir: str | os.PathLike, names: list[str]) -> dict:
         for i, a in enumerate(names):
             for b in names[i + 1:]:
                 ca, cb = paired(items[a], items[b], str(files[a][ev]), str(files[b][ev]))
-                pairs.append({"a": a, "b": b, **mcnemar(ca, cb)})
+                pairs.append({"run_a": a, "run_b": b, **mcnemar(ca, cb)})
         out[ev] = {"accuracy": {name: accuracy(items[name]) for name in names}, "mcnemar": pairs}
     return out

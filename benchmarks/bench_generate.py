@@ -58,58 +58,94 @@ def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Te
     return ids, mask
 
 
-def best_time(fn, repeats: int) -> tuple[float, object]:
-    best, out = float("inf"), None
+def best_time(fn, repeats: int) -> tuple[float, float, object]:
+    """Best wall time and best process CPU time over `repeats` runs (CPU time is the steadier number on a
+    shared machine when torch runs one thread), and the last output."""
+    wall, cpu, out = float("inf"), float("inf"), None
     for _ in range(repeats):
-        t = time.perf_counter()
+        w, c = time.perf_counter(), time.process_time()
         out = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+        wall, cpu = min(wall, time.perf_counter() - w), min(cpu, time.process_time() - c)
+    return wall, cpu, out
+
+
+def hf_useful_tokens(out: torch.Tensor, prompt_len: int, stop_ids: list[int]) -> int:
+    """Tokens transformers generated up to and including each row's first stop id (padding after it
+    is not output)."""
+    total = 0
+    for row in out[:, prompt_len:].tolist():
+        hits = [i for i, t in enumerate(row) if t in stop_ids]
+        total += hits[0] + 1 if hits else len(row)
+    return total
+
+
+def scenarios(args) -> list[tuple[str, list[list[int]], SamplingParams, dict, list[int]]]:
+    """(name, prompts, our params, transformers' sampling kwargs, stop ids)."""
+    distinct = prompts_for(args.batch, args.vocab, *args.prompt_len)
+    groups = prompts_for(args.batch // args.k, args.vocab, *args.prompt_len)
+    grouped = [p for p in groups for _ in range(args.k)]
+    # Stop ids for the rollout scenario: enough random tokens that lengths spread up to --new-tokens.
+    g = torch.Generator().manual_seed(2)
+    stops = torch.randperm(args.vocab - 20, generator=g)[:max(1, args.vocab // 150)].add(10).tolist()
+    sample = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0)
+    return [
+        ("fixed_greedy", distinct, SamplingParams(args.new_tokens, temperature=0), dict(do_sample=False), []),
+        ("fixed_sample_t1_p0.95", distinct, SamplingParams(args.new_tokens, temperature=1.0, top_p=0.95),
+         dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0), []),
+        (f"rollout_k{args.k}_t1_stops", grouped, SamplingParams(args.new_tokens, temperature=1.0), sample, stops),
+    ]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab", type=int, default=768)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--prompt-len", type=int, nargs=2, default=(24, 96))
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--k", type=int, default=4, help="Samples per prompt in the rollout scenario.")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=(48, 128))
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared CPU).")
+    ap.add_argument("--out", default=None, help="Also write the results as JSON here.")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     pad = 0
     with tempfile.TemporaryDirectory() as tmp:
         hf, ours = build_models(args.vocab, Path(tmp))
-    prompts = prompts_for(args.batch, args.vocab, *args.prompt_len)
-    ids, mask = left_pad(prompts, pad)
-    n_tokens = args.batch * args.new_tokens
-    results = {"config": {**SHAPE, "vocab_size": args.vocab, "batch": args.batch, "new_tokens": args.new_tokens,
+    results = {"command": " ".join(sys.argv),
+               "config": {**SHAPE, "vocab_size": args.vocab, "batch": args.batch, "new_tokens": args.new_tokens,
                           "prompt_len": list(args.prompt_len), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__}}
-    for mode, params, hf_kwargs in [
-        ("greedy", SamplingParams(args.new_tokens, temperature=0), dict(do_sample=False)),
-        ("sample_t1_p0.95", SamplingParams(args.new_tokens, temperature=1.0, top_p=0.95),
-         dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0)),
-    ]:
+                          "torch": torch.__version__, "dtype": "float32", "device": "cpu"}}
+    for name, prompts, params, hf_kwargs, stops in scenarios(args):
+        ids, mask = left_pad(prompts, pad)
+
         def run_ours():
-            return generate(ours, prompts, params, stop_ids=[], pad_id=pad, batch_size=args.batch, seed=0)
+            return generate(ours, prompts, params, stop_ids=stops, pad_id=pad, batch_size=args.batch, seed=0)
 
         def run_hf():
             with torch.inference_mode():
-                return hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                                   min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=pad, **hf_kwargs)
+                return hf.generate(ids, attention_mask=mask, max_new_tokens=args.new_tokens, pad_token_id=pad,
+                                   eos_token_id=stops or None, min_new_tokens=0 if stops else args.new_tokens,
+                                   **hf_kwargs)
 
-        t_ours, out_ours = best_time(run_ours, args.repeats)
-        t_hf, out_hf = best_time(run_hf, args.repeats)
-        row = {"ours_tok_s": n_tokens / t_ours, "hf_tok_s": n_tokens / t_hf, "speedup": t_hf / t_ours,
-               "ours_s": t_ours, "hf_s": t_hf}
-        if mode == "greedy":
+        w_ours, c_ours, out_ours = best_time(run_ours, args.repeats)
+        w_hf, c_hf, out_hf = best_time(run_hf, args.repeats)
+        n_ours = sum(len(g.token_ids) for g in out_ours)
+        n_hf = hf_useful_tokens(out_hf, ids.shape[1], stops)
+        row = {"ours_tokens": n_ours, "hf_tokens": n_hf,
+               "ours_tok_s_wall": n_ours / w_ours, "hf_tok_s_wall": n_hf / w_hf,
+               "ours_tok_s_cpu": n_ours / c_ours, "hf_tok_s_cpu": n_hf / c_hf}
+        row["speedup_wall"] = row["ours_tok_s_wall"] / row["hf_tok_s_wall"]
+        row["speedup_cpu"] = row["ours_tok_s_cpu"] / row["hf_tok_s_cpu"]
+        if name == "fixed_greedy":
             row["greedy_identical"] = [g.token_ids for g in out_ours] == out_hf[:, ids.shape[1]:].tolist()
-        results[mode] = row
-        print(f"{mode:>16}: ours {row['ours_tok_s']:8.0f} tok/s  transformers {row['hf_tok_s']:8.0f} tok/s  "
-              f"speedup {row['speedup']:.2f}x", flush=True)
+        results[name] = row
+        print(f"{name:>24}: ours {row['ours_tok_s_wall']:7.0f} tok/s (cpu {row['ours_tok_s_cpu']:7.0f})  "
+              f"transformers {row['hf_tok_s_wall']:7.0f} tok/s (cpu {row['hf_tok_s_cpu']:7.0f})  "
+              f"speedup {row['speedup_wall']:.2f}x wall, {row['speedup_cpu']:.2f}x cpu", flush=True)
     print(json.dumps(results, indent=2))
+    if args.out:
+        from engine.fsio import write_json
+        write_json(args.out, results)
 
 
 if __name__ == "__main__":

@@ -10,21 +10,43 @@ The loop over all 144 modules takes many minutes on a small CPU, so by default i
 --loop-layers layers (every module shape) and is extrapolated linearly to 36 layers (all layers
 have the same shapes, so per-layer cost is constant); --loop-layers 36 times the full loop.
 
-    .venv/bin/python benchmarks/bench_geometry.py [--runs 6] [--layers 36] [--loop-layers 2] [--threads N]
+    .venv/bin/python benchmarks/bench_geometry.py [--runs 6] [--layers 36] [--loop-layers 1] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
 import itertools
 import math
+import os
+import sys
 import time
 
-import numpy as np
-import scipy.linalg
-import torch
 
-from analysis.adapters import RunInfo, build_adapter_set
-from analysis.geometry import compute_geometry, summarize
+def _parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=6)
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--loop-layers", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=32)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="BLAS/LAPACK threads for both paths (default: the libraries' own)")
+    return ap.parse_args()
+
+
+ARGS = _parse() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.threads:
+    # Before numpy/torch load their BLAS, so the loop and the batched path get the same threads.
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(ARGS.threads)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import scipy.linalg  # noqa: E402
+import torch  # noqa: E402
+
+from analysis.adapters import RunInfo, build_adapter_set  # noqa: E402
+from analysis.geometry import compute_geometry, summarize  # noqa: E402
 
 SHAPES = {"q_proj": (4096, 2560), "k_proj": (1024, 2560), "v_proj": (1024, 2560), "o_proj": (2560, 4096)}
 
@@ -71,14 +93,7 @@ def loop_reference(factors: list[dict], modules: list[str], scales: list[float],
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=6)
-    ap.add_argument("--layers", type=int, default=36)
-    ap.add_argument("--loop-layers", type=int, default=2)
-    ap.add_argument("--rank", type=int, default=32)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
+    args = ARGS
     if args.threads:
         torch.set_num_threads(args.threads)
     factors = random_factors(args.runs, args.layers, args.rank)
@@ -94,6 +109,8 @@ def main() -> None:
     t_batched = time.perf_counter() - t0
     print(f"batched geometry (all metrics, {M} modules): {t_batched:.2f} s")
 
+    if args.loop_layers == 0:
+        return
     loop_modules = [m for m in aset.modules if aset.layer_of[aset.modules.index(m)] < args.loop_layers]
     t0 = time.perf_counter()
     ref = loop_reference(factors, loop_modules, [r.scale for r in runs], args.k)

@@ -4,6 +4,12 @@ output directory.
 A checkpoint `OUT/step-N/` (and `OUT/final/`) is a PEFT adapter directory (or, in full-parameter
 mode, a model directory) plus `optimizer/`, `rng.safetensors`, `trainer_state.json` and
 `manifest.json` (size and sha256 of every file, written last).
+
+Crash safety: a checkpoint is written into a temporary sibling, fsynced, then renamed (engine.fsio),
+so a kill -9 leaves either no checkpoint or a complete one (plus a stale temp dir that `recover`
+removes under the lock); a torn or tampered one fails `verify` and resume falls back to the
+previous one with a warning. A failed write (disk full, permission denied) raises one EngineError
+and leaves the previous checkpoints as they were.
 """
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,39 +50,74 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+FAULT_ENV = "ENGINE_TEST_FAULT"
+
+
+def _test_fault(point: str, step: int) -> None:
+    """Test-only fault injection (tests/test_faults.py); inert unless ENGINE_TEST_FAULT is set.
+    "kill:save-mid:4" SIGKILLs this process while step 4's checkpoint is half written (adapter and
+    optimizer files in the temp dir, no RNG/state/manifest yet); "kill:save-done:2" right after step
+    2's checkpoint is renamed into place; "pause:<point>:<step>" sleeps there for a minute instead
+    (holding the output lock), for the two-writers test."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    action, where, at = spec.split(":")
+    if where == point and int(at) == step:
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "pause":
+            time.sleep(60)
+
+
 def save(directory: Path, model, optimizer, cfg: TrainConfig, step: int) -> None:
-    with atomic_dir(directory) as tmp:
-        if cfg.full_finetune:
-            write_model_files(model, tmp)
-            src = resolve_model_dir(cfg.model)
-            for name in TOKENIZER_FILES:
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, tmp / name)
-        else:
-            write_adapter_files(model, tmp, adapter_config_dict(model, base_name=cfg.model))
-        optimizer.save(tmp / "optimizer")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state()
-        (tmp / "rng.safetensors").write_bytes(save_safetensors(rng))
-        (tmp / STATE).write_text(json.dumps({"step": step, "config": cfg.to_dict()}, indent=2) + "\n")
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2) + "\n")
+    """Write a checkpoint atomically; a failed write raises EngineError and changes nothing."""
+    try:
+        with atomic_dir(directory) as tmp:
+            if cfg.full_finetune:
+                write_model_files(model, tmp)
+                src = resolve_model_dir(cfg.model)
+                for name in TOKENIZER_FILES:
+                    if (src / name).is_file():
+                        shutil.copyfile(src / name, tmp / name)
+            else:
+                write_adapter_files(model, tmp, adapter_config_dict(model, base_name=cfg.model))
+            optimizer.save(tmp / "optimizer")
+            _test_fault("save-mid", step)
+            rng = {"cpu": torch.get_rng_state()}
+            if torch.cuda.is_available():
+                rng["cuda"] = torch.cuda.get_rng_state()
+            (tmp / "rng.safetensors").write_bytes(save_safetensors(rng))
+            (tmp / STATE).write_text(json.dumps({"step": step, "config": cfg.to_dict()}, indent=2) + "\n")
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+            (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2) + "\n")
+    except (OSError, SafetensorError) as e:
+        what = f"{e.strerror} ({e.filename})" if isinstance(e, OSError) and e.strerror else str(e)
+        raise EngineError(f"could not write the step-{step} checkpoint: {what}; nothing was changed, "
+                          "the previous checkpoint is kept", path=directory) from None
+    _test_fault("save-done", step)
 
 
 def verify(directory: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else what is wrong."""
+    """None if the checkpoint is complete and intact, else what is wrong. Names in the manifest
+    must stay inside the checkpoint directory (a tampered '../x' entry is reported, never read)."""
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
         files = manifest["files"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        entries = [(rel, int(meta["size"]), str(meta["sha256"])) for rel, meta in files.items()]
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
         return "missing or unreadable manifest"
-    for rel, meta in files.items():
+    if not entries:
+        return "empty manifest"
+    for rel, size, digest in entries:
+        parts = Path(rel).parts
+        if Path(rel).is_absolute() or ".." in parts or not parts:
+            return f"{rel!r}: a manifest entry outside the checkpoint directory"
         p = directory / rel
-        if not p.is_file() or p.stat().st_size != meta["size"]:
+        if p.is_symlink() or not p.is_file() or p.stat().st_size != size:
             return f"{rel}: missing or wrong size"
-        if _sha256(p) != meta["sha256"]:
+        if _sha256(p) != digest:
             return f"{rel}: checksum mismatch"
     return None
 
@@ -87,8 +130,9 @@ def _step_dirs(out: Path) -> list[tuple[int, Path]]:
     final = out / "final"
     if final.is_dir():
         try:
-            found.append((json.loads((final / STATE).read_text())["step"], final))
-        except (OSError, json.JSONDecodeError, KeyError):
+            step = json.loads((final / STATE).read_text())["step"]
+            found.append((step if isinstance(step, int) else 10 ** 12, final))
+        except (OSError, ValueError, KeyError, TypeError):
             found.append((10 ** 12, final))  # torn: verify() will reject it
     return sorted(found, key=lambda t: t[0])
 
@@ -107,10 +151,38 @@ def latest_checkpoint(out: Path) -> Path | None:
     return None
 
 
+def recover(out: Path) -> None:
+    """Tidy what a kill -9 can leave behind in `out` (call with the output lock held): temp dirs and
+    files of interrupted atomic writes are removed, and a checkpoint moved aside for replacement
+    (`.final.old`) whose replacement never arrived is moved back."""
+    if not out.is_dir():
+        return
+    ours = (".step-", ".final.", ".metrics.jsonl.")  # only names this package's writers create
+    for p in out.iterdir():
+        if not p.name.startswith(ours):
+            continue
+        if p.name.endswith(".old") and p.is_dir():
+            original = out / p.name[1:-4]
+            if original.exists():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.replace(p, original)
+        elif p.name.endswith(".tmp"):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def restore(directory: Path, model, optimizer, cfg: TrainConfig) -> int:
     """Load weights, optimizer state and RNG from a verified checkpoint; returns its step."""
-    state = json.loads((directory / STATE).read_text())
-    saved = state["config"]
+    try:
+        state = json.loads((directory / STATE).read_text())
+        saved, step = state["config"], state["step"]
+        if not isinstance(saved, dict) or not isinstance(step, int) or isinstance(step, bool):
+            raise TypeError("config must be an object and step an integer")
+    except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
+        raise EngineError(f"unreadable trainer state ({e})", path=directory / STATE) from None
     for key in RESUME_INVARIANTS:
         if saved.get(key) != cfg.to_dict().get(key):
             raise EngineError(f"cannot resume: '{key}' was {saved.get(key)!r} in this run, now "
@@ -137,7 +209,7 @@ def restore(directory: Path, model, optimizer, cfg: TrainConfig) -> int:
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
-    return int(state["step"])
+    return step
 
 
 class OutputLock:
@@ -148,8 +220,11 @@ class OutputLock:
         self.fd: int | None = None
 
     def __enter__(self) -> "OutputLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise EngineError(f"cannot create the output lock ({e.strerror})", path=self.path.parent) from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -172,6 +247,13 @@ class MetricsLog:
 
     def __init__(self, path: Path, keep_until: int) -> None:
         self.path = path
+        try:
+            self._open(keep_until)
+        except OSError as e:
+            raise EngineError(f"cannot write the metrics log ({e.strerror})", path=path) from None
+
+    def _open(self, keep_until: int) -> None:
+        path = self.path
         kept = []
         if path.is_file():
             for line in path.read_text().splitlines():
@@ -189,8 +271,11 @@ class MetricsLog:
         self.f = open(path, "a")
 
     def write(self, row: dict) -> None:
-        self.f.write(json.dumps(row) + "\n")
-        self.f.flush()
+        try:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+        except OSError as e:
+            raise EngineError(f"cannot write the metrics log ({e.strerror})", path=self.path) from None
 
     def close(self) -> None:
         self.f.close()

@@ -57,6 +57,32 @@ class Skipped:
             self.reasons.append(str(err))
 
 
+def _finite(x: Any) -> bool:
+    """A JSON number (not a bool) that is a finite float (huge integers are not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
+def _text(x: Any) -> bool:
+    """A string the tokenizer can take: valid Unicode (JSON allows lone surrogates, UTF-8 does not)."""
+    if not isinstance(x, str):
+        return False
+    try:
+        x.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _short(x: Any) -> str:
+    r = repr(x)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
 def _parse_line(raw: str, path: Path, line: int) -> Rollout:
     def bad(msg: str, field: str | None = None) -> EngineError:
         return EngineError(msg, path=path, line=line, field=field)
@@ -65,6 +91,8 @@ def _parse_line(raw: str, path: Path, line: int) -> Rollout:
         obj = json.loads(raw)
     except json.JSONDecodeError as e:
         raise bad(f"not valid JSON ({e.msg})") from None
+    except (ValueError, RecursionError) as e:  # too many digits, too deeply nested
+        raise bad(f"not valid JSON ({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(obj, dict):
         raise bad("expected a JSON object")
     for field in ("prompt", "completion", "reward", "group"):
@@ -72,25 +100,24 @@ def _parse_line(raw: str, path: Path, line: int) -> Rollout:
             raise bad("missing required field", field)
     prompt = obj["prompt"]
     if isinstance(prompt, list):
-        if not prompt or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                 and isinstance(m.get("content"), str) for m in prompt):
+        if not prompt or not all(isinstance(m, dict) and _text(m.get("role")) and _text(m.get("content"))
+                                 for m in prompt):
             raise bad("expected a string or a non-empty list of {role, content} messages", "prompt")
-    elif not isinstance(prompt, str) or not prompt:
+    elif not _text(prompt) or not prompt:
         raise bad("expected a non-empty string or chat messages", "prompt")
     completion = obj["completion"]
-    if not isinstance(completion, str) or not completion.strip():
-        raise bad("empty completion" if isinstance(completion, str) else "expected a string", "completion")
+    if not _text(completion) or not completion.strip():
+        raise bad("empty completion" if _text(completion) else "expected a (valid Unicode) string",
+                  "completion")
     reward = obj["reward"]
-    if isinstance(reward, bool) or not isinstance(reward, (int, float)) or not math.isfinite(reward):
-        raise bad(f"expected a finite number, got {reward!r}", "reward")
+    if not _finite(reward):
+        raise bad(f"expected a finite number, got {_short(reward)}", "reward")
     group = obj["group"]
-    if isinstance(group, bool) or not isinstance(group, (str, int)):
-        raise bad(f"expected a string or integer, got {group!r}", "group")
+    if isinstance(group, bool) or not (_text(group) or isinstance(group, int)):
+        raise bad(f"expected a string or integer, got {_short(group)}", "group")
     blp = obj.get("behavior_logps")
     if blp is not None:
-        if not isinstance(blp, list) or not all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x <= 1e-6
-                for x in blp):
+        if not isinstance(blp, list) or not all(_finite(x) and x <= 1e-6 for x in blp):
             raise bad("expected a list of finite log-probs (<= 0)", "behavior_logps")
     finished = obj.get("finished", True)
     if not isinstance(finished, bool):
@@ -108,19 +135,25 @@ def read_rollouts(path: str | os.PathLike, on_bad: str = "fail") -> tuple[list[R
     if not path.is_file():
         raise EngineError("rollouts file not found", path=path)
     rollouts, skipped = [], Skipped()
-    with open(path, encoding="utf-8", errors="strict") as f:
-        try:
-            for line_no, raw in enumerate(f, 1):
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise EngineError(f"cannot read the rollouts file ({e.strerror})", path=path) from None
+    with f:
+        for line_no, data in enumerate(f, 1):
+            try:
+                try:
+                    raw = data.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise EngineError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=path,
+                                      line=line_no) from None
                 if not raw.strip():
                     continue
-                try:
-                    rollouts.append(_parse_line(raw, path, line_no))
-                except EngineError as e:
-                    if on_bad == "fail":
-                        raise
-                    skipped.add(e)
-        except UnicodeDecodeError as e:
-            raise EngineError(f"not UTF-8 text ({e.reason})", path=path) from None
+                rollouts.append(_parse_line(raw, path, line_no))
+            except EngineError as e:
+                if on_bad == "fail":
+                    raise
+                skipped.add(e)
     if not rollouts:
         raise EngineError("no rollouts" + (f" ({skipped.count} bad lines skipped)" if skipped.count else ""),
                           path=path)

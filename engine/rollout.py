@@ -34,12 +34,17 @@ THINKING = {"auto": None, "off": False}  # --thinking: None = template as is; Fa
 
 def load_for_generation(model_path: str | os.PathLike, adapter: str | os.PathLike | None = None, *,
                         tokenizer_path: str | os.PathLike | None = None, device: str | None = None,
-                        merge: bool = True) -> tuple[torch.nn.Module, ChatTokenizer]:
+                        merge: bool = True, threads: int | None = None) -> tuple[torch.nn.Module, ChatTokenizer]:
     """The model (adapter applied, folded into the weights when `merge`: same function, faster decode)
-    and its tokenizer (from the model directory unless `tokenizer_path`)."""
+    and its tokenizer (from the model directory unless `tokenizer_path`). `threads` sets torch's CPU
+    threads (decode's small matrix products often run faster on one thread of a busy machine)."""
     from .checkpoint import load_model
     from .lora import merge_adapter
     from .tokenizer import load_tokenizer
+    if threads is not None:
+        if threads < 1:
+            raise EngineError(f"expected a positive thread count, got {threads}", field="threads")
+        torch.set_num_threads(threads)
     model = load_model(model_path, device=device, adapter=adapter)
     if adapter is not None and merge:
         merge_adapter(model)
@@ -211,17 +216,18 @@ def evaluate_items(model: torch.nn.Module, tokenizer: ChatTokenizer, items: Sequ
     _, prompts = encode_prompts(tokenizer, items, style, enable_thinking)
     check_context(model, prompts, [item.id for item in items])
     progress = _Progress(len(items), "eval")
-    records = []
+    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # similar lengths batch together
+    records: list[dict[str, Any]] = [{} for _ in items]
     try:
-        for start in range(0, len(items), batch_size * 8):  # chunks keep the bar moving
-            chunk = range(start, min(start + batch_size * 8, len(items)))
+        for start in range(0, len(order), batch_size * 8):  # chunks keep the bar moving
+            chunk = order[start:start + batch_size * 8]
             gens = generate(model, [prompts[i] for i in chunk], params, stop_ids=tokenizer.stop_ids,
                             pad_id=tokenizer.pad_id, batch_size=batch_size, on_step=progress.on_step)
             for i, gen in zip(chunk, gens):
                 text = completion_text(tokenizer, gen)
-                records.append({"id": items[i].id, "completion": text, "extracted": extract_answer(text),
-                                "gold": items[i].gold, "correct": grade(text, items[i].gold),
-                                "finished": gen.finished, "num_tokens": len(gen.token_ids)})
+                records[i] = {"id": items[i].id, "completion": text, "extracted": extract_answer(text),
+                              "gold": items[i].gold, "correct": grade(text, items[i].gold),
+                              "finished": gen.finished, "num_tokens": len(gen.token_ids)}
             progress.bar.update(len(chunk))
     finally:
         progress.close()
@@ -256,10 +262,10 @@ def write_eval(out_dir: str | os.PathLike, task: str, split: str, records: Seque
 def run_rollout(model: str, *, task: str, split: str, out: str, k: int = 4, adapter: str | None = None,
                 limit: int | None = None, data_dir: str | None = None, params: SamplingParams,
                 batch_size: int = 32, seed: int = 0, thinking: str = "auto", style: str = "boxed",
-                device: str | None = None, tokenizer: str | None = None,
+                device: str | None = None, tokenizer: str | None = None, threads: int | None = None,
                 echo: Callable[[str], None] = print) -> dict[str, Any]:
     items = load_task(task, split, data_dir=data_dir, limit=limit)
-    m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=device)
+    m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=device, threads=threads)
     summary = rollout_items(m, tok, items, out, params, k=k, seed=seed, batch_size=batch_size, style=style,
                             enable_thinking=THINKING[thinking], task=task)
     reward = "n/a" if summary["mean_reward"] is None else f"{summary['mean_reward']:.4f}"
@@ -272,9 +278,10 @@ def run_rollout(model: str, *, task: str, split: str, out: str, k: int = 4, adap
 def run_eval(model: str, *, task: str, split: str, adapter: str | None = None, limit: int | None = None,
              data_dir: str | None = None, out: str | None = None, max_new_tokens: int = 1024,
              batch_size: int = 32, thinking: str = "auto", style: str = "boxed", device: str | None = None,
-             tokenizer: str | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+             tokenizer: str | None = None, threads: int | None = None,
+             echo: Callable[[str], None] = print) -> dict[str, Any]:
     items = load_task(task, split, data_dir=data_dir, limit=limit)
-    m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=device)
+    m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=device, threads=threads)
     records, summary = evaluate_items(m, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size,
                                       style=style, enable_thinking=THINKING[thinking])
     summary = {"task": task, "split": split, "model": str(model), "adapter": adapter, **summary}

@@ -1,10 +1,11 @@
 """Batched generation on a preallocated KV cache: greedy, temperature, top-k, top-p; seeded.
 
 How a batch runs: prompts are left-padded to the longest one, prefilled in one forward pass (only the
-last position goes through the lm_head), then decoded one token per step. Positions are tracked per row
-(left padding never shifts them) and passed to the model, so the mask is only needed for the padded
-keys (and not at all when a batch has no padding). A row stops on a stop id; finished rows are dropped
-from the batch and the cache (`KVCache.select_rows`) so they cost nothing afterwards.
+last position goes through the lm_head; identical prompts, e.g. the K samples of a rollout group, are
+prefilled once), then decoded one token per step. Positions are tracked per row (left padding never
+shifts them) and passed to the model, so the mask is only needed for the padded keys (and not at all
+when a batch has no padding). A row stops on a stop id; once a quarter of the batch has finished, the
+finished rows are dropped from the batch and the cache (`KVCache.select_rows`).
 
 Sampling. The filtered distribution is `softmax(logits / temperature)` restricted to the top-k tokens
 (k > 0), then to the nucleus (the smallest set of most likely tokens whose mass reaches top_p; the same
@@ -85,38 +86,48 @@ def check_context(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                               f"(max_position_embeddings) is {ctx}", field="prompt")
 
 
-def filtered_probs(logits: torch.Tensor, params: SamplingParams
+NUCLEUS_CANDIDATES = 256  # top-p looks for the nucleus among this many top tokens first (no full sort)
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams, probs_t1: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The sampling distribution over candidate tokens, in increasing token-id order.
 
-    logits [B, V] float32 -> (probs [B, C] unnormalised (rows sum to the kept mass), ids [B, C] or None
-    meaning C = V and ids = arange(V)). Tokens outside the top-k / nucleus have probability 0.
+    logits [B, V] float32 (raw); probs_t1 = softmax(logits) when already computed. Returns (probs [B, C],
+    not renormalised: rows sum to the kept mass; ids [B, C], or None meaning C = V, ids = arange(V)).
+    Tokens outside the top-k / nucleus have probability 0.
     """
-    scores = logits / params.temperature if params.temperature != 1 else logits
-    ids = None
-    if 0 < params.top_k < scores.shape[-1]:
-        vals, ids = scores.topk(params.top_k, dim=-1)          # descending
-        if params.top_p < 1:
-            vals = _nucleus(vals, params.top_p)
-        ids, order = ids.sort(dim=-1)                          # back to vocabulary order
-        scores = vals.gather(-1, order)
+    if params.temperature == 1 and probs_t1 is not None:
+        probs = probs_t1
+    else:
+        probs = torch.softmax(logits / params.temperature, dim=-1)
+    V = probs.shape[-1]
+    if 0 < params.top_k < V:
+        vals, ids = probs.topk(params.top_k, dim=-1)              # descending
+        if params.top_p < 1:                                      # nucleus of the top-k distribution
+            vals = vals * _nucleus(vals / vals.sum(-1, keepdim=True), params.top_p)
     elif params.top_p < 1:
-        desc = scores.sort(dim=-1, descending=True).values
-        kept = _nucleus(desc, params.top_p)
-        n_keep = kept.isfinite().sum(-1, keepdim=True)
-        threshold = desc.gather(-1, n_keep - 1)
-        scores = scores.masked_fill(scores < threshold, float("-inf"))
-    return torch.softmax(scores, dim=-1), ids
+        # The nucleus is complete once the last candidate falls outside it; otherwise look wider.
+        k = min(V, NUCLEUS_CANDIDATES)
+        while True:
+            vals, ids = probs.topk(k, dim=-1)
+            keep = _nucleus(vals, params.top_p)
+            if k == V or not bool(keep[:, -1].any()):
+                break
+            k = min(V, 8 * k)
+        vals = vals * keep
+    else:
+        return probs, None
+    ids, order = ids.sort(dim=-1)                                 # back to vocabulary order
+    return vals.gather(-1, order), ids
 
 
 def _nucleus(desc: torch.Tensor, top_p: float) -> torch.Tensor:
-    """desc [B, C] sorted descending -> the same with tokens outside the nucleus set to -inf: a token is
-    kept when the mass strictly before it is < top_p (the first token always)."""
-    probs = torch.softmax(desc, dim=-1)
-    before = probs.cumsum(-1) - probs
-    drop = before >= top_p
-    drop[:, 0] = False
-    return desc.masked_fill(drop, float("-inf"))
+    """desc [B, C]: probabilities sorted descending -> bool [B, C], True for the nucleus: a token is kept
+    when the probability mass strictly before it is < top_p (the first token always)."""
+    keep = desc.cumsum(-1) - desc < top_p
+    keep[:, 0] = True
+    return keep
 
 
 def next_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor | None
@@ -124,10 +135,11 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Te
     """logits [B, V] (raw), uniforms [B] in [0, 1) (ignored when greedy) -> tokens [B] long,
     behavior log-probs [B] float32 (log_softmax of the raw logits at the chosen tokens)."""
     logits = logits.float()
+    probs_t1 = torch.softmax(logits, dim=-1)   # one fused pass; cheaper than logsumexp on CPU
     if params.greedy:
         tokens = logits.argmax(-1)
     else:
-        probs, ids = filtered_probs(logits, params)
+        probs, ids = filtered_probs(logits, params, probs_t1)
         cdf = probs.cumsum(-1)
         target = (uniforms.to(cdf.dtype) * cdf[:, -1]).unsqueeze(-1)
         pick = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)
@@ -135,7 +147,12 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Te
         if bool((chosen_p <= 0).any()):  # u * total rounded up to total: take the most likely instead
             pick = torch.where(chosen_p > 0, pick, probs.argmax(-1, keepdim=True))
         tokens = (ids.gather(-1, pick) if ids is not None else pick).squeeze(-1)
-    logps = logits.gather(-1, tokens[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    p = probs_t1.gather(-1, tokens[:, None]).squeeze(-1)
+    logps = p.log()
+    tiny = p < 1e-30   # float32 softmax loses precision near underflow: take those exactly
+    if bool(tiny.any()):
+        rows = logits[tiny]
+        logps[tiny] = rows.gather(-1, tokens[tiny][:, None]).squeeze(-1) - torch.logsumexp(rows, dim=-1)
     return tokens, logps
 
 
@@ -171,51 +188,74 @@ def _uniforms(seeds: Sequence[int], steps: int, device: torch.device) -> torch.T
     return torch.stack(rows).to(device)
 
 
+def _prefill(model: torch.nn.Module, prompts: list[Sequence[int]], max_new: int, pad_id: int
+             ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
+    """Left-pad and run the prompts once each (a rollout batch holds K copies of every prompt), then
+    copy the cache rows out to the batch. Returns the last logits [B, V], the cache (B rows, room for
+    max_new more positions) and the padding mask [B, P + max_new] (1 = real; generated columns are 1)."""
+    device = model.device
+    unique = list(dict.fromkeys(tuple(p) for p in prompts))
+    row_of = {p: i for i, p in enumerate(unique)}
+    P = max(len(p) for p in unique)
+    ids = torch.full((len(unique), P), pad_id, dtype=torch.long)
+    mask = torch.ones(len(unique), P + max_new, dtype=torch.long)
+    for i, p in enumerate(unique):
+        ids[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        mask[i, :P - len(p)] = 0
+    ids, mask = ids.to(device), mask.to(device)
+    padded = bool((mask[:, :P] == 0).any())
+    cache = KVCache(model.config, len(unique), P + max_new, model.dtype, device)
+    logits = model(ids, attention_mask=mask[:, :P] if padded else None, kv_cache=cache,
+                   logits_to_keep=1).logits[:, -1]
+    index = torch.tensor([row_of[tuple(p)] for p in prompts], device=device)
+    if len(unique) < len(prompts):
+        cache.select_rows(index)
+        logits, mask = logits[index], mask[index]
+    return logits, cache, mask
+
+
 def _generate_batch(model: torch.nn.Module, prompts: list[Sequence[int]], params: SamplingParams,
                     stop_ids: Sequence[int], pad_id: int, seeds: Sequence[int],
                     on_step: Callable[[int], None] | None) -> list[Generation]:
     device = model.device
     B, P = len(prompts), max(len(p) for p in prompts)
     max_new = min(params.max_new_tokens, model.config.max_position_embeddings - P)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    ids = torch.full((B, P), pad_id, dtype=torch.long)
-    mask = torch.ones(B, P + max_new, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.as_tensor(p, dtype=torch.long)
-        mask[i, :P - len(p)] = 0
-    ids, mask = ids.to(device), mask.to(device)
-    padded = bool((lengths < P).any())
-
-    cache = KVCache(model.config, B, P + max_new, model.dtype, device)
-    logits = model(ids, attention_mask=mask[:, :P] if padded else None, kv_cache=cache,
-                   logits_to_keep=1).logits[:, -1]
+    logits, cache, mask = _prefill(model, prompts, max_new, pad_id)
+    padded = bool((mask[:, :P] == 0).any())
     uniforms = None if params.greedy else _uniforms(seeds, max_new, device)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
     out_tokens = torch.full((B, max_new), pad_id, dtype=torch.long, device=device)
     out_logps = torch.zeros(B, max_new, dtype=torch.float32, device=device)
-    n_tokens = [max_new] * B
-    finished = [False] * B
-    active = torch.arange(B, device=device)   # original row of each batch row
-    positions = lengths.clone()               # position id of the next token, per batch row
+    n_tokens, finished = [max_new] * B, [False] * B
+    active = torch.arange(B, device=device)       # original row of each batch row
+    live = torch.ones(B, dtype=torch.bool, device=device)   # batch rows still generating
+    n_live = B
+    positions = torch.tensor([len(p) for p in prompts], device=device)  # next token's position id
 
     for step in range(max_new):
         tokens, logps = next_tokens(logits, params, uniforms[:, step] if uniforms is not None else None)
+        # Finished rows still in the batch write past their end; those entries are never read.
         out_tokens[active, step] = tokens
         out_logps[active, step] = logps
         if on_step is not None:
-            on_step(len(tokens))
-        done = torch.isin(tokens, stop)
+            on_step(n_live)
+        done = torch.isin(tokens, stop) & live
         if bool(done.any()):
             for row in active[done].tolist():
                 n_tokens[row], finished[row] = step + 1, True
-            keep = (~done).nonzero().squeeze(1)
-            if keep.numel() == 0:
+            live &= ~done
+            n_live = int(live.sum())
+            if n_live == 0:
                 break
-            # Drop finished rows everywhere so later steps cost nothing for them.
-            active, tokens, positions, mask = active[keep], tokens[keep], positions[keep], mask[keep]
-            uniforms = uniforms[keep] if uniforms is not None else None
-            cache.select_rows(keep)
-            padded = bool((mask[:, :P] == 0).any())
+            # Drop finished rows once they are a quarter of the batch: copying the cache costs about
+            # a decode step, so dropping every single row as it finishes would cost more than it saves.
+            if 4 * (len(live) - n_live) >= len(live):
+                keep = live.nonzero().squeeze(1)
+                active, tokens, positions = active[keep], tokens[keep], positions[keep]
+                mask, live = mask[keep], live[keep]
+                uniforms = uniforms[keep] if uniforms is not None else None
+                cache.select_rows(keep)
+                padded = bool((mask[:, :P] == 0).any())
         if step == max_new - 1:
             break
         logits = model(tokens[:, None], attention_mask=mask[:, :P + step + 1] if padded else None,

@@ -223,9 +223,9 @@ class _Story:
             s = f"{who} shares {what} equally among {b} {g[1]}."
             new.ask = f"How {'much money' if m else 'many ' + unit} does each {g[0]} get?"
             line = f"Each {g[0]} gets {calc}." if m else f"Each {g[0]} gets {calc} {unit}."
-        elif m:
-            s = f"{who} spends {FRACTIONS.get(b, f'1/{b}')} of the money on {rng.choice(SPEND_ON)}."
-            new.ask, line = f"How much money does {p.name} spend?", f"{p.name} spends {calc}."
+        elif m:  # one division, so the sentence says what is kept (the rest is gone)
+            s = f"{who} keeps {FRACTIONS.get(b, f'1/{b}')} of the money and spends the rest on {rng.choice(SPEND_ON)}."
+            new.ask, line = f"How much money does {p.name} have left?", f"{p.name} has {calc} left."
         else:  # items packed into containers: the count of containers goes on
             c = rng.choice(CONTAINERS)
             s = f"{who} puts them into {c[1]} of {b}."

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,7 @@ class TrainConfig:
     dtype: str | None = None
     device: str | None = None
     ref_cache: str | None = None    # where cached reference log-probs live (default: beside the output)
+    fsdp: bool = False              # under torchrun: shard the frozen base with FSDP2 (LoRA stays replicated)
 
     def lr_for(self, loss: str) -> float:
         return float(self.lr_per_loss.get(loss, self.lr))
@@ -62,37 +66,121 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _check_type(name: str, value: Any, hint: Any, path: Path | None) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    ok = {
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        bool: isinstance(value, bool),
-        str: isinstance(value, str),
-    }.get(hint)
+# Allowed values beyond the type: (test, what is expected). Counts are capped so that a typo like
+# steps = 1e12 fails here rather than hanging the step planner.
+_MAX_COUNT = 2 ** 31 - 1
+_POSITIVE = (lambda v: 0 < v <= _MAX_COUNT, f"an integer in [1, {_MAX_COUNT}]")
+_RULES: dict[str, tuple[Any, str]] = {
+    "steps": _POSITIVE, "batch_size": _POSITIVE, "micro_batch_size": _POSITIVE, "lora_r": _POSITIVE,
+    "max_len": (lambda v: 2 <= v <= _MAX_COUNT, "an integer >= 2"),
+    "seed": (lambda v: 0 <= v < 2 ** 32, "an integer in [0, 2^32)"),
+    "save_every": (lambda v: 0 <= v <= _MAX_COUNT, "an integer >= 0"),
+    "lr": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "lr_per_loss": (lambda d: all(0 < v < math.inf for v in d.values()), "finite learning rates > 0"),
+    "lora_alpha": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "lora_dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "lora_targets": (lambda v: len(v) > 0, "a non-empty list of module names"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    "grad_clip": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "warmup_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "adam_betas": (lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+    "adam_eps": (lambda v: 0 < v < math.inf, "a finite number > 0"),
+    "checkpoint_steps": (lambda v: all(0 < x <= _MAX_COUNT for x in v), "a list of steps >= 1"),
+    "dpo_pairs": (lambda v: v in ("one", "all"), "'one' or 'all'"),
+    "on_bad": (lambda v: v in ("fail", "skip"), "'fail' or 'skip'"),
+    "dtype": (lambda v: v is None or v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
+    "model": (lambda v: v != "", "a non-empty path"), "rollouts": (lambda v: v != "", "a non-empty path"),
+    "out": (lambda v: v != "", "a non-empty path"),
+}
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
     if origin is list:
-        ok = isinstance(value, list)
-    elif origin is dict:
-        ok = isinstance(value, dict)
-    if not ok:
-        want = getattr(hint, "__name__", str(hint))
-        raise EngineError(f"expected {want}, got {value!r}", path=path, field=name)
-    return float(value) if hint is float else value
+        return isinstance(value, list) and all(_type_ok(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_type_ok(k, args[0]) and _type_ok(v, args[1])
+                                               for k, v in value.items())
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        try:
+            float(value)
+        except OverflowError:
+            return False
+        return True
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str) and "\x00" not in value
+    return isinstance(value, hint)
 
 
-def apply_overrides(cfg: TrainConfig, values: dict[str, Any], path: Path | None = None) -> TrainConfig:
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is None and hasattr(hint, "__name__"):
+        return hint.__name__
+    return str(hint).replace("typing.", "")
+
+
+def _as_hint(value: Any, hint: Any) -> Any:
+    """Ints given for float settings become floats (also inside lists and dicts)."""
+    if hint is float or typing.get_args(hint) == (float,):
+        return [float(v) for v in value] if isinstance(value, list) else float(value)
+    if typing.get_origin(hint) is dict and typing.get_args(hint)[1] is float:
+        return {k: float(v) for k, v in value.items()}
+    return value
+
+
+def _check(name: str, value: Any, hint: Any, fail) -> Any:
+    if not _type_ok(value, hint):
+        text = repr(value)
+        raise fail(f"expected {_describe(hint)}, got {text if len(text) <= 60 else text[:57] + '...'}")
+    value = _as_hint(value, hint)
+    rule = _RULES.get(name)
+    if rule is not None and value is not None and not rule[0](value):
+        raise fail(f"expected {rule[1]}, got {value!r}")
+    return value
+
+
+def _key_line(text: str | None, key: str) -> int | None:
+    """The line of a top-level key in TOML `text`: `key = ...`, `key.sub = ...` outside any table,
+    or a `[key]` / `[key.sub]` table header. Best effort (None when not found)."""
+    if not text:
+        return None
+    in_table = False
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            header = stripped.lstrip("[").split("]")[0].strip().strip('"').strip("'")
+            if header == key or header.startswith(key + "."):
+                return number
+            in_table = True
+            continue
+        head = stripped.split("=", 1)[0].strip().strip('"').strip("'")
+        if not in_table and "=" in stripped and (head == key or head.startswith(key + ".")):
+            return number
+    return None
+
+
+def apply_overrides(cfg: TrainConfig, values: dict[str, Any], path: Path | None = None,
+                    text: str | None = None) -> TrainConfig:
+    """Set `values` on `cfg`, checking names, types and ranges; errors name the file (`path`),
+    the line of the key in `text` (the file's content) and the field."""
     hints = typing.get_type_hints(TrainConfig)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for key, value in values.items():
+        def fail(message: str, key: str = key) -> EngineError:
+            return EngineError(message, path=path, line=_key_line(text, key), field=key)
         if key not in fields:
-            raise EngineError(f"unknown setting; valid: {', '.join(sorted(fields))}", path=path, field=key)
-        setattr(cfg, key, _check_type(key, value, hints[key], path))
+            raise fail(f"unknown setting; valid: {', '.join(sorted(fields))}")
+        setattr(cfg, key, _check(key, value, hints[key], fail))
     return cfg
 
 
@@ -100,20 +188,33 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Trai
     """Defaults <- TOML file (top-level keys are TrainConfig fields) <- overrides (None = not given).
 
     Relative `model` / `rollouts` paths in a TOML file are resolved against the repository root when
-    they exist there, so presets work from any working directory."""
+    they exist there, so presets work from any working directory. Bad files or values raise
+    EngineError naming the file, the line and the field."""
     cfg = TrainConfig()
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise EngineError("config file not found", path=path)
         try:
-            values = tomllib.loads(path.read_text())
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise EngineError("config file not found", path=path) from None
+        except OSError as e:
+            raise EngineError(f"cannot read the config file ({e.strerror})", path=path) from None
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[:e.start].count(b"\n") + 1
+            raise EngineError(f"not UTF-8 text ({e.reason})", path=path, line=line) from None
+        try:
+            values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as e:
-            raise EngineError(f"not valid TOML ({e})", path=path) from None
+            found = re.search(r"at line (\d+)", str(e))
+            line = getattr(e, "lineno", None) or (int(found.group(1)) if found else None)
+            raise EngineError(f"not valid TOML ({e})", path=path, line=line) from None
+        except RecursionError:
+            raise EngineError("not valid TOML (nested too deeply)", path=path) from None
         for key in ("model", "rollouts"):
-            if isinstance(values.get(key), str) and (REPO_ROOT / values[key]).exists() \
-                    and not Path(values[key]).is_absolute():
-                values[key] = str(REPO_ROOT / values[key])
-        apply_overrides(cfg, values, path)
+            value = values.get(key)
+            if isinstance(value, str) and value and "\x00" not in value and not Path(value).is_absolute() \
+                    and (REPO_ROOT / value).exists():
+                values[key] = str(REPO_ROOT / value)
+        apply_overrides(cfg, values, path, text)
     apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
     return cfg

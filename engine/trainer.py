@@ -2,6 +2,9 @@
 
 rollouts -> tokenised examples -> step plan (whole groups, or DPO pairs) -> micro-batches ->
 per-token log-probs -> loss (normalised over the whole optimizer step) -> clip -> AdamW -> checkpoints.
+
+Under torchrun each rank takes a share of every step's units and the gradients are summed over
+ranks (engine.distributed), so N ranks compute the single-process step; only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ import losses
 from losses import LossInputs
 
 from . import checkpointing as ckpt
-from .checkpoint import load_model
+from . import distributed
+from .checkpoint import default_device, load_model
 from .data import (Batch, Example, Skipped, build_pairs, collate, describe, groups_of, plan_steps,
                    read_rollouts, split_micro_batches, tokenize_rollouts)
 from .errors import EngineError, TrainingDiverged
@@ -55,10 +59,12 @@ def needs_reference(cfg: TrainConfig) -> bool:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True,
+                 dist: distributed.DistContext | None = None) -> None:
+        self.dist = dist or distributed.DistContext()
         if cfg.loss not in losses.names():
             raise EngineError(f"unknown loss {cfg.loss!r}; choose from {', '.join(losses.names())}", field="loss")
-        self.cfg, self.progress = cfg, progress
+        self.cfg, self.progress = cfg, progress and self.dist.is_main
         self.out = Path(cfg.out)
         self.hparams = cfg.hparams_for(cfg.loss)
         losses.get(cfg.loss)  # validates the name; hyperparameter names are checked on first call
@@ -70,18 +76,30 @@ class Trainer:
             self._need_behavior = True
         else:
             self._need_behavior = False
-        self.resume_from = ckpt.latest_checkpoint(self.out) if resume else None
-        if not resume and ckpt.has_checkpoints(self.out):
+        if cfg.fsdp and cfg.full_finetune:
+            raise EngineError("fsdp shards the frozen base around LoRA adapters; it does not support "
+                              "full_finetune", field="fsdp")
+        self.resume_from = distributed.on_main(self.dist, lambda: self._resume_point(resume))
+        self._setup()
+
+    def _resume_point(self, resume: bool) -> str | None:
+        """Rank 0 picks the checkpoint to resume from (every rank then reads the same one)."""
+        if resume:
+            latest = ckpt.latest_checkpoint(self.out)
+            return str(latest) if latest is not None else None
+        if ckpt.has_checkpoints(self.out):
             raise EngineError("output directory already holds a run; pass --resume to continue it or "
                               "choose another --out", path=self.out)
-        self._setup()
+        return None
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _setup(self) -> None:
         cfg = self.cfg
-        device = torch.device(cfg.device) if cfg.device else None
+        device = distributed.training_device(self.dist, cfg.device)
         dtype = DTYPES[cfg.dtype] if cfg.dtype else None
-        self.model = load_model(cfg.model, dtype=dtype, device=device)
+        self.fsdp = cfg.fsdp and self.dist.enabled
+        # FSDP: load on the host, shard, and let fully_shard move each rank's shards to its device.
+        self.model = load_model(cfg.model, dtype=dtype, device="cpu" if self.fsdp else device)
         self.device = self.model.device
         self.tokenizer = load_tokenizer(cfg.model)
         max_ctx = self.model.config.max_position_embeddings
@@ -91,7 +109,7 @@ class Trainer:
         self.examples = tokenize_rollouts(rollouts, self.tokenizer, cfg.max_len, path=cfg.rollouts,
                                           on_bad=cfg.on_bad, enable_thinking=cfg.enable_thinking, skipped=skipped)
         self.skipped = skipped
-        if skipped.count:
+        if skipped.count and self.dist.is_main:
             tqdm.write(f"skipped {skipped.count} bad rollout lines (on_bad=skip), e.g. {skipped.reasons[0]}")
         if self._need_behavior and any(e.behavior_logps is None for e in self.examples):
             raise EngineError("the clipped ratio needs behavior_logps, absent from some rollouts",
@@ -114,20 +132,30 @@ class Trainer:
                                               target_modules=tuple(cfg.lora_targets), use_rslora=cfg.use_rslora),
                        seed=cfg.seed)
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
+        if self.fsdp:
+            distributed.shard_frozen_base(self.dist, self.model, device or default_device())
+            self.device = device or default_device()
         self.ref_logps = None
         if needs_reference(cfg):
-            from .refcache import load_or_compute
             cache_dir = Path(cfg.ref_cache) if cfg.ref_cache else self.out.parent
-            self.ref_logps = load_or_compute(self.model, self.examples, self.tokenizer.pad_id, cache_dir,
-                                             cfg.micro_batch_size)
+            self.ref_logps = distributed.reference_logps(self.dist, self.model, self.examples,
+                                                         self.tokenizer.pad_id, cache_dir, cfg.micro_batch_size)
         params = [p for p in self.model.parameters() if p.requires_grad]
         lr = cfg.lr_for(cfg.loss)
         self.schedule = CosineSchedule(lr, cfg.steps, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio)
         self.optimizer = AdamW([{"params": params, "lr": lr, "weight_decay": cfg.weight_decay}],
                                betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, schedule=self.schedule)
         self.start_step = 0
+        # Dropout draws from the global RNG: seed it so a run does not depend on what the process
+        # did before (a resume then restores the RNG state saved with the checkpoint).
+        torch.manual_seed(cfg.seed)
         if self.resume_from is not None:
-            self.start_step = ckpt.restore(self.resume_from, self.model, self.optimizer, cfg)
+            self.start_step = ckpt.restore(Path(self.resume_from), self.model, self.optimizer, cfg)
+        if self.dist.enabled:
+            # Replicas start identical by construction (seeded init, same checkpoint); make it so
+            # regardless, as DDP does: rank 0's weights and optimizer state win.
+            # (Parameters and float32 masters both come from rank 0, so they stay consistent.)
+            distributed.broadcast_tensors_(self.dist, params + list(self.optimizer.state_dict()[0].values()))
 
     # ---- one step -------------------------------------------------------------------------------
     def _micro_batches(self, units: list[list[int]]) -> list[tuple[Batch, torch.Tensor | None]]:
@@ -145,22 +173,37 @@ class Trainer:
             out.append((b.to(self.device), pairs))
         return out
 
+    def _my_units(self, units: list[list[int]]) -> list[list[int]]:
+        """This rank's share of a step's units (all of them on one process)."""
+        if not self.dist.enabled:
+            return units
+        lengths = [len(e.ids) for e in self.examples]
+        share = distributed.share_units(units, lengths, self.dist.world_size)[self.dist.rank]
+        return [units[i] for i in share]
+
     def _accumulate(self, micro: list[tuple[Batch, torch.Tensor | None]], step: int,
                     backward: bool) -> tuple[float, dict[str, float], int, float]:
-        """Sum the loss over a step's micro-batches (each divided by the step's normaliser, so
-        accumulation gives one big batch's gradient); backprop each when `backward`."""
+        """Sum the loss over a step's micro-batches (each divided by the step's normaliser, summed
+        over micro-batches and ranks, so accumulation gives one big batch's gradient); backprop each
+        when `backward`. A non-finite loss stops the step on every rank (after the passes, so ranks
+        never disagree on how many collectives they run)."""
         loss_fn, norm_fn = losses.get(self.cfg.loss), losses.get_normalizer(self.cfg.loss)
-        normaliser = sum(norm_fn(b.mask, b.rewards, pairs=p, **self.hparams) for b, p in micro)
-        total_loss, stats_sum, tokens = 0.0, {}, 0
+        local = sum(norm_fn(b.mask, b.rewards, pairs=p, **self.hparams) for b, p in micro)
+        normaliser, passes, self.micro_batches_in_step = local, len(micro), len(micro)
+        if self.dist.enabled:
+            counts = distributed.gather_json(self.dist, [local, len(micro)])
+            normaliser, passes = sum(c[0] for c in counts), max(c[1] for c in counts)
+            self.micro_batches_in_step = sum(c[1] for c in counts)
+        total_loss, stats_sum, tokens, bad = 0.0, {}, 0, None
         for b, pairs in micro:
             logps = token_logprobs(self.model, b.input_ids, b.attention_mask, score_mask=b.mask)
             inputs = LossInputs(logps=logps, mask=b.mask, rewards=b.rewards, group_ids=b.group_ids,
                                 ref_logps=b.ref_logps, behavior_logps=b.behavior_logps, pairs=pairs,
                                 num_tokens=max(normaliser, 1e-12))
             loss, stats = loss_fn(inputs, **self.hparams)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"non-finite loss {float(loss.detach())} at step {step + 1} on rollout lines "
-                                       f"{[self.examples[i].line for i in b.rows]}")
+            if bad is None and not torch.isfinite(loss):
+                bad = (f"non-finite loss {float(loss.detach())} at step {step + 1} on rollout lines "
+                       f"{[self.examples[i].line for i in b.rows]}")
             if backward:
                 loss.backward()
             total_loss += float(loss.detach())
@@ -168,40 +211,69 @@ class Trainer:
             for k, v in stats.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     stats_sum.setdefault(k, []).append(v)
+        if self.fsdp:
+            # FSDP all-gathers weights inside every forward/backward: each rank runs as many passes.
+            for _ in range(passes - len(micro)):
+                self._idle_pass(backward)
+        if self.dist.enabled:
+            parts = distributed.gather_json(self.dist, [total_loss, tokens, stats_sum, bad])
+            total_loss, tokens = sum(p[0] for p in parts), sum(p[1] for p in parts)
+            stats_sum = {}
+            for p in parts:
+                for k, v in p[2].items():
+                    stats_sum.setdefault(k, []).extend(v)
+            bad = next((p[3] for p in parts if p[3] is not None), None)
+        if bad is not None:
+            raise TrainingDiverged(bad)
         # Counts add up over micro-batches; rates and means are averaged.
         merged = {k: (sum(v) if all(isinstance(x, int) for x in v) else sum(v) / len(v))
                   for k, v in stats_sum.items()}
         return total_loss, merged, tokens, normaliser
 
+    def _idle_pass(self, backward: bool) -> None:
+        """A forward (and backward) that adds exactly zero: keeps FSDP's collectives in step on a
+        rank with fewer micro-batches than the others."""
+        b = collate(self.examples, [0], self.tokenizer.pad_id).to(self.device)
+        logps = token_logprobs(self.model, b.input_ids, b.attention_mask, score_mask=b.mask)
+        if backward:
+            (logps.sum() * 0.0).backward()
+
     def train_step(self, step: int) -> dict[str, Any]:
-        micro = self._micro_batches([self.units.rows[u] for u in self.plan[step]])
+        units = [self.units.rows[u] for u in self.plan[step]]
+        micro = self._micro_batches(self._my_units(units))
         self.model.train()
         loss, stats, tokens, normaliser = self._accumulate(micro, step, backward=True)
+        distributed.all_reduce_gradients(self.dist, self.optimizer)
         grad_norm = self.optimizer.clip_grad_norm(self.cfg.grad_clip)
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"non-finite gradient norm at step {step + 1} on rollout lines "
-                                   f"{sorted(self.examples[i].line for b, _ in micro for i in b.rows)}")
+                                   f"{sorted(self.examples[i].line for u in units for i in u)}")
         self.optimizer.step()
         self.optimizer.zero_grad()
         return {"step": step + 1, "loss": loss, "lr": self.optimizer.last_lrs[0], "grad_norm": grad_norm,
-                "tokens": tokens, "normaliser": normaliser, "micro_batches": len(micro),
+                "tokens": tokens, "normaliser": normaliser,
+                "micro_batches": self.micro_batches_in_step,
                 **{f"stats/{k}": v for k, v in stats.items()}}
 
     @torch.no_grad()
     def objective(self) -> float:
         """The loss over the whole rollout set as one batch (no update): what training lowers."""
         self.model.eval()
-        return self._accumulate(self._micro_batches(self.units.rows), -1, backward=False)[0]
+        return self._accumulate(self._micro_batches(self._my_units(self.units.rows)), -1, backward=False)[0]
 
     # ---- the loop -------------------------------------------------------------------------------
     def run(self) -> Path:
-        cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        metrics = ckpt.MetricsLog(self.out / "metrics.jsonl", keep_until=self.start_step)
-        metrics.write({"event": "start", "loss": cfg.loss, "resumed_from": self.start_step,
-                       "data": self.data_stats, "skipped_lines": self.skipped.count,
-                       "units": len(self.units.rows), "rft_dedup_dropped": self.dedup_dropped,
-                       "config": cfg.to_dict()})
+        cfg, opened = self.cfg, {}
+
+        def open_log() -> None:  # rank 0 only: the one writer of files
+            opened["log"] = ckpt.MetricsLog(self.out / "metrics.jsonl", keep_until=self.start_step)
+            opened["log"].write({"event": "start", "loss": cfg.loss, "resumed_from": self.start_step,
+                                 "data": self.data_stats, "skipped_lines": self.skipped.count,
+                                 "units": len(self.units.rows), "rft_dedup_dropped": self.dedup_dropped,
+                                 "world_size": self.dist.world_size, "fsdp": self.fsdp,
+                                 "config": cfg.to_dict()})
+        distributed.on_main(self.dist, open_log)
+        metrics = opened.get("log")
         bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps,
                    desc=f"train {cfg.loss}", unit="step", disable=not self.progress, dynamic_ncols=True)
         t0 = time.perf_counter()
@@ -210,20 +282,36 @@ class Trainer:
             row = self.train_step(step)
             dt = time.perf_counter() - t
             row.update(step_time=dt, tok_s=row["tokens"] / dt, elapsed=time.perf_counter() - t0)
-            metrics.write(row)
+            if metrics is not None:
+                metrics.write(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tok_s']:.0f}")
             done = step + 1
             if done < cfg.steps and ((cfg.save_every and done % cfg.save_every == 0)
                                      or done in cfg.checkpoint_steps):
-                ckpt.save(self.out / f"step-{done}", self.model, self.optimizer, cfg, done)
+                self._save(self.out / f"step-{done}", done)
         final = self.out / "final"
-        ckpt.save(final, self.model, self.optimizer, cfg, cfg.steps)
-        metrics.write({"event": "end", "final": str(final)})
-        metrics.close()
+        self._save(final, cfg.steps)
+        if metrics is not None:
+            metrics.write({"event": "end", "final": str(final)})
+            metrics.close()
         return final
+
+    def _save(self, directory: Path, step: int) -> None:
+        """Rank 0 writes; a failed write stops every rank with the same message."""
+        distributed.on_main(self.dist, lambda: ckpt.save(directory, self.model, self.optimizer, self.cfg, step))
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train one run into cfg.out (locked against a second writer); returns the final checkpoint."""
-    with ckpt.OutputLock(Path(cfg.out)):
-        return Trainer(cfg, resume=resume, progress=progress).run()
+    """Train one run into cfg.out (locked against a second writer); returns the final checkpoint.
+    Under torchrun every rank calls this; rank 0 holds the lock and writes the files."""
+    ctx = distributed.setup(cfg.device)
+    lock = ckpt.OutputLock(Path(cfg.out))
+
+    def acquire() -> None:
+        lock.__enter__()
+        ckpt.recover(Path(cfg.out))  # leftovers of a killed run; safe now that we hold the lock
+    try:
+        distributed.on_main(ctx, acquire)
+        return Trainer(cfg, resume=resume, progress=progress, dist=ctx).run()
+    finally:
+        lock.__exit__(None, None, None)

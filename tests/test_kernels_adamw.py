@@ -5,21 +5,21 @@ import pytest
 import torch
 
 from triton_kernels import adamw_step_
-from triton_kernels.testing import use_interpreter, use_small_tiles
+from triton_kernels.testing import kernel_device, use_small_tiles, use_triton_path
 
 HP = {"lr": 3e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
 
 
-def _run_against_torch_optim(n: int, steps: int, seed: int) -> float:
+def _run_against_torch_optim(n: int, steps: int, seed: int, device: torch.device | str = "cpu") -> float:
     """Max |param - torch.optim.AdamW's param| after `steps` steps on fresh random grads."""
     gen = torch.Generator().manual_seed(seed)
-    start = torch.randn(n, generator=gen)
+    start = torch.randn(n, generator=gen).to(device)
     ref = torch.nn.Parameter(start.clone())
     opt = torch.optim.AdamW([ref], lr=HP["lr"], betas=(HP["beta1"], HP["beta2"]), eps=HP["eps"],
                             weight_decay=HP["weight_decay"], foreach=False)
-    param, exp_avg, exp_avg_sq = start.clone(), torch.zeros(n), torch.zeros(n)
+    param, exp_avg, exp_avg_sq = start.clone(), torch.zeros_like(start), torch.zeros_like(start)
     for step in range(1, steps + 1):
-        grad = torch.randn(n, generator=gen) * (1 + step)
+        grad = torch.randn(n, generator=gen).to(device) * (1 + step)
         ref.grad = grad.clone()
         opt.step()
         adamw_step_(param, grad, exp_avg, exp_avg_sq, step=step, **HP)
@@ -38,14 +38,14 @@ def test_torch_path_matches_torch_optim_exactly(monkeypatch, n):
 
 @pytest.mark.parametrize("n", [1, 129, 1000])
 def test_triton_matches_torch_optim(monkeypatch, n):
-    use_interpreter(monkeypatch)
+    use_triton_path(monkeypatch)
     use_small_tiles(monkeypatch)  # 128-element blocks: 1000 leaves a ragged last block
-    assert _run_against_torch_optim(n, steps=4, seed=n) < 1e-6
+    assert _run_against_torch_optim(n, steps=4, seed=n, device=kernel_device()) < 1e-6
 
 
 def test_triton_production_block(monkeypatch):
-    use_interpreter(monkeypatch)
-    assert _run_against_torch_optim(5000, steps=2, seed=0) < 1e-6
+    use_triton_path(monkeypatch)
+    assert _run_against_torch_optim(5000, steps=2, seed=0, device=kernel_device()) < 1e-6
 
 
 def test_rejects_mismatched_buffers():

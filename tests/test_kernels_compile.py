@@ -88,6 +88,7 @@ def test_kernels_compile_for_hopper(monkeypatch):
     names = {kernel.fn.__name__ for kernel, _, _ in launches}
     assert names == GEMM_KERNELS | {"_qk_norm_rope_kernel", "_adamw_kernel"}
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # variant() now gives the compiler's JITFunction
+    monkeypatch.setenv("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
     seen = set()
     for kernel, args, kwargs in launches:
         key = (kernel.fn.__name__, tuple(sorted(kwargs.items())),
@@ -98,5 +99,7 @@ def test_kernels_compile_for_hopper(monkeypatch):
         compiled = _compile(kernel, args, kwargs)
         assert compiled.metadata.shared <= HOPPER_SMEM, (key[0], compiled.metadata.shared)
         if kernel.fn.__name__ in GEMM_KERNELS:
-            assert "wgmma.mma_async" in compiled.asm["ptx"], key[0]  # Hopper tensor cores
+            # Hopper tensor cores on bf16 operands with float32 accumulation
+            assert "wgmma.mma_async" in compiled.asm["ptx"], key[0]
+            assert ".f32.bf16.bf16" in compiled.asm["ptx"].split("wgmma.mma_async", 1)[1][:80], key[0]
             assert "cp.async" in compiled.asm["ptx"], key[0]  # software-pipelined tile loads

@@ -1,6 +1,11 @@
 """Backend choice (ENGINE_KERNELS, CUDA or not, Triton present or not) and output poisoning."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +14,7 @@ from triton_kernels import _triton, dispatch, lora_linear
 from triton_kernels.testing import module
 
 CPU = torch.zeros(1)
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_auto_uses_torch_on_cpu(monkeypatch):
@@ -63,3 +69,23 @@ def test_poisoned_outputs_start_as_nan(monkeypatch):
     assert dispatch.new_output((2, 3), torch.float32, CPU.device).isnan().all()
     monkeypatch.setenv("ENGINE_KERNELS_POISON", "0")
     assert dispatch.new_output((2, 3), torch.bfloat16, CPU.device).shape == (2, 3)
+
+
+def test_package_imports_and_runs_without_triton():
+    """A fresh interpreter where `import triton` fails: the package imports and the torch paths run."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, triton_kernels as tk\n"
+        "from triton_kernels import _triton\n"
+        "assert _triton.triton is None\n"
+        "x, w, a, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(2, 4), torch.randn(5, 2)\n"
+        "torch.testing.assert_close(tk.lora_linear(x, w, a, b, 2.0), x @ w.T + 2.0 * (x @ a.T) @ b.T)\n"
+        "lp = tk.linear_logprob(x, w, torch.tensor([0, 4, 2]))\n"
+        "torch.testing.assert_close(lp, torch.log_softmax(x @ w.T, -1)[[0, 1, 2], [0, 4, 2]])\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("ENGINE_KERNELS", "TRITON_INTERPRET")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                            timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr

@@ -1,4 +1,4 @@
-"""linear_logprob: Triton (interpreter, NaN-poisoned outputs) vs torch reference vs float64 log_softmax."""
+"""linear_logprob: Triton (NaN-poisoned outputs) vs torch reference vs float64 log_softmax."""
 from __future__ import annotations
 
 import pytest
@@ -6,12 +6,15 @@ import torch
 
 from engine.errors import EngineError
 from triton_kernels import linear_logprob
-from triton_kernels.testing import leaf, module, rel_err, use_interpreter, use_small_tiles
+from triton_kernels.testing import (kernel_device, leaf, module, randn_like, rel_err, use_small_tiles,
+                                    use_triton_path)
+
+DEV = kernel_device()  # Triton-path tests: CUDA if present, else CPU through the interpreter
 
 
 @pytest.fixture
-def interp(monkeypatch):
-    use_interpreter(monkeypatch)
+def triton_path(monkeypatch):
+    use_triton_path(monkeypatch)
     use_small_tiles(monkeypatch)
 
 
@@ -20,12 +23,12 @@ def torch_path(monkeypatch):
     monkeypatch.setenv("ENGINE_KERNELS", "torch")
 
 
-def _inputs(lead, H, V, dtype, seed):
+def _inputs(lead, H, V, dtype, seed, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(*lead, H, generator=g).to(dtype)
     weight = (torch.randn(V, H, generator=g) * 2 / H ** 0.5).to(dtype)  # peaked softmax, |z| up to ~8
     targets = torch.randint(0, V, lead, generator=g)
-    return hidden, weight, targets
+    return hidden.to(device), weight.to(device), targets.to(device)
 
 
 def _float64(hidden, weight, targets):
@@ -39,8 +42,7 @@ def _check(hidden, weight, targets, tol, **kwargs):
     """Forward (logp, entropy, prob) and d(sum g*logp + sum g2*prob)/dhidden against float64."""
     h = leaf(hidden)
     logp, entropy, prob = linear_logprob(h, weight, targets, return_entropy=True, return_prob=True, **kwargs)
-    gen = torch.Generator().manual_seed(5)
-    g1, g2 = torch.randn(logp.shape, generator=gen), torch.randn(logp.shape, generator=gen)
+    g1, g2 = randn_like(logp, 5), randn_like(logp, 6)
     ((logp * g1).sum() + (prob * g2).sum()).backward()
     h64 = leaf(hidden, torch.float64)
     logp64, entropy64 = _float64(h64, weight, targets)
@@ -67,9 +69,9 @@ def test_torch_reference_chunking_does_not_change_results(torch_path):
 
 
 @pytest.mark.parametrize("lead,H,V,chunk", [((1,), 20, 37, None), ((45,), 40, 101, 20), ((2, 19), 33, 150, 16)])
-def test_triton_float32_matches_float64_and_reference(interp, monkeypatch, lead, H, V, chunk):
+def test_triton_float32_matches_float64_and_reference(triton_path, monkeypatch, lead, H, V, chunk):
     # vocab 101/150 with 32-wide vocab tiles over 2 splits: ragged tiles, several tiles per split
-    inputs = _inputs(lead, H, V, torch.float32, seed=H)
+    inputs = _inputs(lead, H, V, torch.float32, seed=H, device=DEV)
     got = _check(*inputs, tol=1e-5, chunk_size=chunk)
     monkeypatch.setenv("ENGINE_KERNELS", "torch")
     ref = _check(*inputs, tol=1e-5, chunk_size=chunk)
@@ -77,8 +79,8 @@ def test_triton_float32_matches_float64_and_reference(interp, monkeypatch, lead,
         assert rel_err(a, b) < 1e-5
 
 
-def test_triton_bfloat16(interp):
-    hidden, weight, targets = _inputs((40,), 48, 90, torch.bfloat16, seed=3)
+def test_triton_bfloat16(triton_path):
+    hidden, weight, targets = _inputs((40,), 48, 90, torch.bfloat16, seed=3, device=DEV)
     # log-sum-exp in float32: the forward is exact up to float32 rounding of bf16 products; the
     # gradient goes through bf16 dlogits and a bf16 GEMM output
     logp, _, grad = _check(hidden, weight, targets, tol=1e-2, chunk_size=16)
@@ -88,8 +90,8 @@ def test_triton_bfloat16(interp):
 
 
 def test_triton_production_tiles(monkeypatch):
-    use_interpreter(monkeypatch)  # default 128-wide tiles: V=300 spans 3 vocab tiles, H=72 is ragged
-    _check(*_inputs((20,), 72, 300, torch.float32, seed=4), tol=1e-5)
+    use_triton_path(monkeypatch)  # default 128-wide tiles: V=300 spans 3 vocab tiles, H=72 is ragged
+    _check(*_inputs((20,), 72, 300, torch.float32, seed=4, device=DEV), tol=1e-5)
 
 
 def test_default_chunk_fits_budget(monkeypatch, torch_path):

@@ -1,18 +1,19 @@
-"""qk_norm_rope: Triton (interpreter, NaN-poisoned outputs) vs torch reference vs float64 vs HF Qwen3."""
+"""qk_norm_rope: Triton (NaN-poisoned outputs) vs torch reference vs float64 vs HF Qwen3."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from triton_kernels import qk_norm_rope, qk_norm_rope_torch
-from triton_kernels.testing import leaf, rel_err, use_interpreter, use_small_tiles
+from triton_kernels.testing import kernel_device, leaf, randn_like, rel_err, use_small_tiles, use_triton_path
 
 EPS = 1e-6
+DEV = kernel_device()  # Triton-path tests: CUDA if present, else CPU through the interpreter
 
 
 @pytest.fixture
-def interp(monkeypatch):
-    use_interpreter(monkeypatch)
+def triton_path(monkeypatch):
+    use_triton_path(monkeypatch)
     use_small_tiles(monkeypatch)
 
 
@@ -25,22 +26,20 @@ def _float64_norm_rope(x, w, cos, sin):
     return n * cos.double().unsqueeze(-2) + rotated * sin.double().unsqueeze(-2)
 
 
-def _inputs(B, T, HQ, HK, D, dtype, per_batch_cos, seed):
+def _inputs(B, T, HQ, HK, D, dtype, per_batch_cos, seed, device=DEV):
     g = torch.Generator().manual_seed(seed)
     q = (3 * torch.randn(B, T, HQ, D, generator=g)).to(dtype)  # not unit scale: the norm matters
     k = torch.randn(B, T, HK, D, generator=g).to(dtype)
     wq = 1 + 0.3 * torch.randn(D, generator=g)
     wk = 1 + 0.3 * torch.randn(D, generator=g)
     angles = torch.randn((B, T, D) if per_batch_cos else (T, D), generator=g) * 3
-    return q, k, wq, wk, angles.cos(), angles.sin()
+    return [t.to(device) for t in (q, k, wq, wk, angles.cos(), angles.sin())]
 
 
 def _run(fn, q, k, wq, wk, cos, sin, dq_strided=False):
     leaves = [leaf(t) for t in (q, k, wq, wk)]
     oq, ok = fn(*leaves, cos, sin, EPS)
-    g = torch.Generator().manual_seed(3)
-    gq = torch.randn(oq.shape, generator=g).to(oq.dtype)
-    gk = torch.randn(ok.shape, generator=g).to(ok.dtype)
+    gq, gk = randn_like(oq, 3), randn_like(ok, 4)
     if dq_strided:  # upstream grads arriving as a transposed view, as attention's backward gives them
         gq = gq.transpose(1, 2).contiguous().transpose(1, 2)
     torch.autograd.backward([oq, ok], [gq, gk])
@@ -61,12 +60,13 @@ def _check(fn, q, k, wq, wk, cos, sin, tol, dq_strided=False):
 @pytest.mark.parametrize("B,T,HQ,HK,D,per_batch", [(1, 1, 1, 1, 2, False), (2, 7, 3, 1, 12, True),
                                                    (1, 9, 4, 2, 64, False)])
 def test_torch_reference_matches_float64(B, T, HQ, HK, D, per_batch):
-    _check(qk_norm_rope_torch, *_inputs(B, T, HQ, HK, D, torch.float32, per_batch, seed=D), tol=1e-5)
+    _check(qk_norm_rope_torch, *_inputs(B, T, HQ, HK, D, torch.float32, per_batch, seed=D, device="cpu"),
+           tol=1e-5)
 
 
 @pytest.mark.parametrize("B,T,HQ,HK,D,per_batch", [(1, 1, 1, 1, 2, False), (2, 7, 3, 1, 12, True),
                                                    (2, 5, 4, 2, 24, False)])
-def test_triton_float32_matches_float64_and_reference(interp, B, T, HQ, HK, D, per_batch):
+def test_triton_float32_matches_float64_and_reference(triton_path, B, T, HQ, HK, D, per_batch):
     inputs = _inputs(B, T, HQ, HK, D, torch.float32, per_batch, seed=10 + D)
     got = _check(qk_norm_rope, *inputs, tol=1e-5)
     ref, _ = _run(qk_norm_rope_torch, *inputs)
@@ -74,7 +74,7 @@ def test_triton_float32_matches_float64_and_reference(interp, B, T, HQ, HK, D, p
         assert rel_err(a, e) < 1e-5
 
 
-def test_triton_bfloat16_and_strided_inputs(interp):
+def test_triton_bfloat16_and_strided_inputs(triton_path):
     q, k, wq, wk, cos, sin = _inputs(2, 6, 4, 2, 16, torch.bfloat16, True, seed=4)
     # q and k as column slices of one projection buffer, the layout a fused qkv output would give
     buf = torch.cat([q.reshape(12, 64), k.reshape(12, 32)], dim=1)
@@ -86,7 +86,7 @@ def test_triton_bfloat16_and_strided_inputs(interp):
 
 
 def test_triton_production_block(monkeypatch):
-    use_interpreter(monkeypatch)  # default rows per program, Qwen3's head_dim
+    use_triton_path(monkeypatch)  # default rows per program, Qwen3's head_dim
     _check(qk_norm_rope, *_inputs(1, 5, 4, 2, 128, torch.float32, False, seed=1), tol=1e-5)
 
 
@@ -98,7 +98,7 @@ def test_torch_reference_matches_hf_qwen3():
     config = Qwen3Config(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                          rope_theta=10000.0, rms_norm_eps=EPS)
     rotary = modeling.Qwen3RotaryEmbedding(config=config)
-    q, k, wq, wk, _, _ = _inputs(2, 7, 4, 2, 16, torch.float32, False, seed=8)
+    q, k, wq, wk, _, _ = _inputs(2, 7, 4, 2, 16, torch.float32, False, seed=8, device="cpu")
     position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [3, 4, 5, 6, 7, 8, 9]])
     cos, sin = rotary(q, position_ids)  # [B, T, D]
     q_norm, k_norm = modeling.Qwen3RMSNorm(16, eps=EPS), modeling.Qwen3RMSNorm(16, eps=EPS)
@@ -113,7 +113,7 @@ def test_torch_reference_matches_hf_qwen3():
 
 
 def test_rejects_bad_shapes():
-    q, k, wq, wk, cos, sin = _inputs(1, 3, 2, 1, 8, torch.float32, False, seed=0)
+    q, k, wq, wk, cos, sin = _inputs(1, 3, 2, 1, 8, torch.float32, False, seed=0, device="cpu")
     with pytest.raises(ValueError):
         qk_norm_rope(q, k[:, :2], wq, wk, cos, sin, EPS)
     with pytest.raises(ValueError):

@@ -21,6 +21,16 @@ QUESTIONS = [("Tom has 3 apples and buys 4 more. How many apples does he have?",
              ("What is 6 times 7?", "42")]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread is faster, and on a shared 2-core machine OpenMP threads that
+    wait for each other make these tests ~8x slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _write_gsm8k(data_dir, rows, split="train"):
     d = data_dir / "gsm8k"
     d.mkdir(parents=True, exist_ok=True)
@@ -208,11 +218,13 @@ def test_eval_counts_correct_answers(setup, tmp_path, monkeypatch):
     import engine.rollout as rollout_mod
     model_dir, data = setup
     tok = engine.load_tokenizer(model_dir)
-    answers = iter(["#### 7", "The answer is \\boxed{61}", "so 63 pages", "\\boxed{12}"])
+    items = load_task("gsm8k", "test", data_dir=data)
+    outputs = ["#### 7", "The answer is \\boxed{61}", "so 63 pages", "\\boxed{12}"]
+    by_prompt = dict(zip(map(tuple, encode_prompts(tok, items, "boxed", None)[1]), outputs))
 
     def fake_generate(model, prompts, params, **kw):
         assert params.greedy
-        return [Generation(tok.encode(next(answers)), [0.0], False) for _ in prompts]
+        return [Generation(tok.encode(by_prompt[tuple(p)]), [0.0], False) for p in prompts]
 
     monkeypatch.setattr(rollout_mod, "generate", fake_generate)
     res = _cli("eval", "--model", model_dir, "--task", "gsm8k", "--data-dir", data, "--out", tmp_path)
@@ -254,3 +266,29 @@ def test_bad_input_exits_2(setup, tmp_path):
     assert res.exit_code == 2 and "top_p" in res.output
     res = _cli("rollout", *base, "--task", "gsm8k", "--out", tmp_path / "x.jsonl", "--k", 0)
     assert res.exit_code == 2
+
+
+def test_eval_with_adapter(setup, tmp_path):
+    """--adapter: the adapter's greedy completions (merged for decoding) equal the unmerged model's."""
+    from engine.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
+    model_dir, data = setup
+    model = engine.load_model(model_dir, device="cpu")
+    apply_lora(model, LoRAConfig(r=2, alpha=4), seed=0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_(0, 0.5)
+    save_adapter(model, tmp_path / "adapter")
+    base = ["eval", "--model", model_dir, "--task", "gsm8k", "--data-dir", data, "--max-new-tokens", 4]
+    assert _cli(*base, "--out", tmp_path / "base").exit_code == 0
+    res = _cli(*base, "--adapter", tmp_path / "adapter", "--threads", 1, "--out", tmp_path / "lora")
+    assert res.exit_code == 0, res.output
+    tok = engine.load_tokenizer(model_dir)
+    items = load_task("gsm8k", "test", data_dir=data)
+    gens = generate(model, encode_prompts(tok, items, "boxed", None)[1], SamplingParams(4, temperature=0),
+                    stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+    want = [tok.decode(g.token_ids[:-1] if g.finished else g.token_ids, skip_special_tokens=False) for g in gens]
+    completions = {run: [json.loads(line)["completion"] for line in
+                         (tmp_path / run / "gsm8k_test.jsonl").read_text().splitlines()] for run in ("base", "lora")}
+    assert completions["lora"] == want != completions["base"]
+    summary = json.loads((tmp_path / "lora" / "gsm8k_test_summary.json").read_text())
+    assert summary["adapter"] == str(tmp_path / "adapter")

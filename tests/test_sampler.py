@@ -17,12 +17,33 @@ CONFIGS = {
 PAD = 0
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread is faster, and on a shared 2-core machine OpenMP threads that
+    wait for each other make these tests ~8x slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _build(name, tmp_path_factory):
+    cfg = CONFIGS[name]
+    hf = hf_model(cfg, seed=len(name))
+    path = save_hf(hf, tmp_path_factory.mktemp(name))
+    return hf, engine.load_model(path, device="cpu"), cfg, path
+
+
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def pair(request, tmp_path_factory):
-    cfg = CONFIGS[request.param]
-    hf = hf_model(cfg, seed=len(request.param))
-    path = save_hf(hf, tmp_path_factory.mktemp(request.param))
-    return hf, engine.load_model(path, device="cpu"), cfg, path
+    """Both configurations: for the parity tests against transformers."""
+    return _build(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def one(tmp_path_factory):
+    """One configuration (GQA, untied): for behaviour that does not depend on the model's shape."""
+    return _build("untied_gqa", tmp_path_factory)
 
 
 def _prompts(cfg, lengths, seed=0):
@@ -109,9 +130,12 @@ def test_kv_cache_sampling_equals_full_recompute(pair, params):
 @pytest.mark.parametrize("params", [SamplingParams(1, temperature=0.5), SamplingParams(1, top_k=5),
                                     SamplingParams(1, top_p=0.3), SamplingParams(1, temperature=2.0, top_p=0.95),
                                     SamplingParams(1, temperature=0.9, top_k=40, top_p=0.5)])
-def test_filtered_distribution_equals_transformers_warpers(params):
+@pytest.mark.parametrize("candidates", [3, 256])   # 3: the nucleus search must widen
+def test_filtered_distribution_equals_transformers_warpers(params, candidates, monkeypatch):
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
+    import engine.sampler as sampler
+    monkeypatch.setattr(sampler, "NUCLEUS_CANDIDATES", candidates)
     logits = torch.randn(6, 301) * 3
     scores = TemperatureLogitsWarper(params.temperature)(None, logits.clone())
     if params.top_k:
@@ -133,8 +157,8 @@ def test_filtered_distribution_equals_transformers_warpers(params):
         assert (counts - want[row]).abs().max() < 0.1
 
 
-def test_top_k_one_equals_greedy(pair):
-    _, ours, cfg, _ = pair
+def test_top_k_one_equals_greedy(one):
+    _, ours, cfg, _ = one
     prompts = _prompts(cfg, [4, 9, 7], seed=2)
     greedy = generate(ours, prompts, SamplingParams(12, temperature=0), stop_ids=[], pad_id=PAD)
     top1 = generate(ours, prompts, SamplingParams(12, temperature=1.7, top_k=1), stop_ids=[], pad_id=PAD, seed=5)
@@ -142,8 +166,8 @@ def test_top_k_one_equals_greedy(pair):
     assert [g.behavior_logps for g in greedy] == [g.behavior_logps for g in top1]
 
 
-def test_stops_on_stop_ids_and_drops_finished_rows(pair, monkeypatch):
-    _, ours, cfg, _ = pair
+def test_stops_on_stop_ids_and_drops_finished_rows(one, monkeypatch):
+    _, ours, cfg, _ = one
     prompts = _prompts(cfg, [3, 8, 5, 6, 2, 7], seed=3)
     params = SamplingParams(20, temperature=1.0)
     free = generate(ours, prompts, params, stop_ids=[], pad_id=PAD, seed=9)
@@ -175,8 +199,8 @@ def test_behavior_logps_equal_full_forward_log_softmax(pair):
         assert (torch.tensor(g.behavior_logps, dtype=torch.float64) - want).abs().max() < 1e-4
 
 
-def test_reproducible_and_independent_of_batching(pair):
-    _, ours, cfg, _ = pair
+def test_reproducible_and_independent_of_batching(one):
+    _, ours, cfg, _ = one
     prompts = _prompts(cfg, [4, 9, 6, 2, 7], seed=5)
     params = SamplingParams(8, temperature=1.0, top_p=0.95)
     a = generate(ours, prompts, params, stop_ids=[], pad_id=PAD, seed=7, batch_size=5)
@@ -194,8 +218,31 @@ def test_reproducible_and_independent_of_batching(pair):
     assert [g.token_ids for g in shuffled] == [a[i].token_ids for i in perm]
 
 
-def test_adapter_unmerged_merged_and_peft(pair, tmp_path):
-    hf, _, cfg, path = pair
+def test_repeated_prompts_share_prefill_and_match_separate_runs(one, monkeypatch):
+    _, ours, cfg, _ = one
+    a, b = _prompts(cfg, [7, 4], seed=8)
+    prompts, seeds = [a, b, a, a, b], [1, 2, 3, 4, 5]
+    params = SamplingParams(6, temperature=1.0)
+    prefill_rows = []
+    original = ours.forward
+
+    def spy(input_ids, *args, **kwargs):
+        if input_ids.shape[1] > 1:
+            prefill_rows.append(input_ids.shape[0])
+        return original(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(ours, "forward", spy)
+    got = generate(ours, prompts, params, stop_ids=[], pad_id=PAD, seeds=seeds)
+    assert prefill_rows == [2]   # two distinct prompts prefilled once each
+    monkeypatch.undo()
+    for p, s, g in zip(prompts, seeds, got):
+        alone = generate(ours, [p], params, stop_ids=[], pad_id=PAD, seeds=[s])[0]
+        assert g.token_ids == alone.token_ids
+        assert g.behavior_logps == pytest.approx(alone.behavior_logps, abs=1e-5)
+
+
+def test_adapter_unmerged_merged_and_peft(one, tmp_path):
+    hf, _, cfg, path = one
     from peft import PeftModel
     model = engine.load_model(path, device="cpu")
     apply_lora(model, LoRAConfig(r=4, alpha=8), seed=1)
@@ -219,8 +266,8 @@ def test_adapter_unmerged_merged_and_peft(pair, tmp_path):
     assert [g.token_ids for g in unmerged] == ref
 
 
-def test_context_limit_and_bad_params(pair):
-    _, ours, cfg, _ = pair
+def test_context_limit_and_bad_params(one):
+    _, ours, cfg, _ = one
     ctx = cfg["max_position_embeddings"]
     with pytest.raises(EngineError, match="max_position_embeddings"):
         generate(ours, [[1, 2], [3] * ctx], SamplingParams(4), stop_ids=[], pad_id=PAD)

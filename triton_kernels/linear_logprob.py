@@ -28,7 +28,7 @@ from triton_kernels._triton import dot_precision, interpreting, jit, tl, triton
 FWD_CONFIG = {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "SPLITS_MIN": 16, "num_warps": 8, "num_stages": 3}
 BWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
 # Bytes allowed for one chunk of materialised logits (torch path) or dlogits (Triton backward).
-CHUNK_BYTES = 512 * 2**20
+CHUNK_BYTES = 256 * 2**20
 
 
 @jit
@@ -152,7 +152,8 @@ def _forward_triton(hidden, weight, targets, want_entropy: bool):
     splits = min(vocab_blocks, max(cfg["SPLITS_MIN"], triton.cdiv(2 * _sm_count(hidden.device), row_blocks)))
     vocab_per_split = triton.cdiv(vocab_blocks, splits) * cfg["BLOCK_V"]
     splits = triton.cdiv(V, vocab_per_split)  # every split non-empty
-    parts = [dispatch.new_output((splits, N), torch.float32, hidden.device) for _ in range(4 if want_entropy else 3)]
+    parts = [dispatch.new_output((splits, N), torch.float32, hidden.device)
+             for _ in range(4 if want_entropy else 3)]
     pm, ps, pz = parts[:3]
     _logprob_fwd_kernel[(row_blocks * splits,)](
         hidden, weight, targets, pm, ps, pz, parts[3] if want_entropy else pz,
@@ -253,7 +254,7 @@ class _LinearLogprobTorch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp, _grad_entropy):
         hidden, weight, targets, lse = ctx.saved_tensors
-        grad_hidden = torch.empty_like(hidden)
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], ctx.rows):
             sl = slice(start, start + ctx.rows)
             g = grad_logp[sl].float()

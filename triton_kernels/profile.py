@@ -91,9 +91,12 @@ def _fwd_bwd(forward: Callable[[], object], inputs: Sequence[torch.Tensor]) -> C
 
 
 def _cases(shape: dict, tokens: int, rank: int, device: torch.device, dtype: torch.dtype) -> Iterator[tuple]:
-    """(kernel, pass, closure-maker(impl) -> fn, flops, bytes) for one model shape and token count."""
+    """(kernel, pass, fn, flops, bytes moved at the least) for one model shape and token count."""
     es = torch.tensor([], dtype=dtype).element_size()
-    rnd = lambda *s, grad=False: torch.randn(*s, device=device, dtype=dtype).div_(s[-1] ** 0.5).requires_grad_(grad)  # noqa: E731,E501
+
+    def rnd(*size: int, grad: bool = False) -> torch.Tensor:
+        return torch.randn(*size, device=device, dtype=dtype).div_(size[-1] ** 0.5).requires_grad_(grad)
+
     H, D = shape["hidden"], shape["head_dim"]
     nq, nkv = shape["heads"] * D, shape["kv_heads"] * D
     M = tokens
@@ -122,7 +125,7 @@ def _cases(shape: dict, tokens: int, rank: int, device: torch.device, dtype: tor
     # per-head RMSNorm + RoPE on q and k; batch of 1 x M tokens
     q = torch.randn(1, M, shape["heads"], D, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(1, M, shape["kv_heads"], D, device=device, dtype=dtype, requires_grad=True)
-    wq, wk = torch.ones(D, device=device, requires_grad=True), torch.ones(D, device=device, requires_grad=True)
+    wq, wk = (torch.randn(D, device=device).mul_(0.1).add_(1).requires_grad_() for _ in range(2))
     ang = torch.randn(M, D, device=device)
     cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
     fwd_nr = lambda: qk_norm_rope(q, k, wq, wk, cos, sin, 1e-6)  # noqa: E731
@@ -145,8 +148,11 @@ def _adamw_case(shape: dict, rank: int, device: torch.device) -> tuple:
     H, D = shape["hidden"], shape["head_dim"]
     nq, nkv = shape["heads"] * D, shape["kv_heads"] * D
     n = shape["layers"] * rank * ((H + nq) * 2 + (H + nkv) * 2)
-    bufs = [torch.randn(n, device=device) for _ in range(2)] + [torch.zeros(n, device=device) for _ in range(2)]
-    step = lambda: adamw_step_(*bufs, lr=1e-5, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=5)  # noqa: E731,E501
+    # param, grad, exp_avg, exp_avg_sq: random (never time on zeros), the second moment positive
+    bufs = [torch.randn(n, device=device) for _ in range(3)] + [torch.rand(n, device=device)]
+
+    def step() -> None:
+        adamw_step_(*bufs, lr=1e-5, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=5)
     return step, 10 * n, 28 * n, n
 
 

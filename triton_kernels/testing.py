@@ -31,10 +31,16 @@ def module(name: str) -> Any:
     return importlib.import_module(f"triton_kernels.{name}")
 
 
-def use_interpreter(monkeypatch: Any, backend: str = "triton") -> None:
-    """Run the Triton path on CPU (interpreter), with NaN-poisoned outputs."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    monkeypatch.setenv("ENGINE_KERNELS", backend)
+def kernel_device() -> torch.device:
+    """Where Triton-path tests run: CUDA when there is one (the compiled kernels), else the CPU interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def use_triton_path(monkeypatch: Any) -> None:
+    """Force the Triton path (through the interpreter on CPU), with NaN-poisoned outputs."""
+    if kernel_device().type == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("ENGINE_KERNELS", "triton")
     monkeypatch.setenv("ENGINE_KERNELS_POISON", "1")
 
 
@@ -48,7 +54,7 @@ def use_small_tiles(monkeypatch: Any) -> None:
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64; inf when actual holds a NaN (unwritten output)."""
-    actual, expected = actual.detach().double(), expected.detach().double()
+    actual, expected = actual.detach().cpu().double(), expected.detach().cpu().double()
     if not torch.isfinite(actual).all():
         return float("inf")
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-300)).item()
@@ -57,3 +63,8 @@ def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def leaf(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """A fresh leaf copy (optionally cast) that requires grad."""
     return t.detach().to(dtype or t.dtype).clone().requires_grad_(True)
+
+
+def randn_like(t: torch.Tensor, seed: int) -> torch.Tensor:
+    """Seeded standard normals with t's shape, dtype and device (drawn on CPU, so any device agrees)."""
+    return torch.randn(t.shape, generator=torch.Generator().manual_seed(seed)).to(t.device, t.dtype)

@@ -1,0 +1,451 @@
+"""Training-step benchmark: this engine against transformers + PEFT, measured side by side.
+
+    python cli.py bench --model-config CONFIG_JSON --batch B --seq T [--loss sft|dpo|grpo] [--steps N]
+
+Both sides get the same random weights (one seeded generator per parameter name, `fill_random_`), the
+same LoRA (rank, alpha, q/k/v/o, A from one seeded Kaiming init as PEFT's, B zero), the same batch
+(random ids; the first `prompt_frac` of each row is prompt, the rest is scored), the same loss from
+`losses` (SFT on the HF side through its own `labels=` cross-entropy, the usual way), AdamW with the
+same settings plus global-norm clipping at 1.0, and the same precision (fp32 on CPU, bf16 on CUDA).
+Equal losses on both sides, step after step, show that they compute the same thing.
+
+Each side lives in its own spawned process, built once, so its peak memory is its own: peak resident
+set (the kernel's high-water mark) on CPU, `torch.cuda.max_memory_allocated` on CUDA. The parent then
+asks the two for steps in turn (engine, hf, hf, engine, ...) so that load drift on a shared machine
+hits both alike, and reports medians. The HF side lives in benchmarks/bench_train.py (transformers
+and peft are benchmark-only dependencies).
+
+FLOPs per step (for MFU): 4 N_lin per token (frozen base: forward 2N, backward input-gradient 2N, no
+weight gradient), 6 per LoRA parameter per token, the LM head 4 V H per *scored* token, and causal
+attention 6 L heads head_dim T (T + 1) per row (forward and backward of QK^T and PV).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+import zlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import losses
+from losses import LossInputs
+
+from .config import Qwen3Config
+from .errors import EngineError
+from .fsio import write_json
+from .logprobs import hidden_logprobs, token_logprobs
+from .lora import LoRAConfig, apply_lora
+from .model import Qwen3ForCausalLM
+from .optim import AdamW
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIDES = ("engine", "hf")
+BENCH_LOSSES = ("sft", "dpo", "grpo")
+# Dense bf16 peaks from the datasheets (FLOP/s), by device-name substring, most specific first.
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12))
+
+
+@dataclasses.dataclass
+class BenchSpec:
+    model_config: str
+    batch: int = 1
+    seq: int = 512
+    loss: str = "sft"
+    steps: int = 3
+    warmup: int = 1
+    rank: int = 32
+    alpha: float = 64.0
+    lr: float = 1e-4
+    prompt_frac: float = 0.25
+    device: str | None = None
+    threads: int | None = None
+    seed: int = 0
+    checkpointing: str = "auto"          # engine activation checkpointing: auto | on | off
+    hf_checkpointing: bool = False       # HF's gradient_checkpointing_enable()
+
+    def __post_init__(self) -> None:
+        if self.loss not in BENCH_LOSSES:
+            raise EngineError(f"expected one of {', '.join(BENCH_LOSSES)}, got {self.loss!r}", field="--loss")
+        for name in ("batch", "seq", "steps", "rank"):
+            if getattr(self, name) < 1:
+                raise EngineError(f"expected a positive integer, got {getattr(self, name)}", field=f"--{name}")
+        if self.loss == "dpo" and self.batch % 2:
+            raise EngineError("DPO needs an even batch (rows 2i and 2i+1 are a pair)", field="--batch")
+        if not 0 <= self.prompt_frac < 1 or int(self.seq * self.prompt_frac) >= self.seq - 1:
+            raise EngineError(f"prompt_frac must leave scored tokens, got {self.prompt_frac}", field="--prompt-frac")
+        if self.checkpointing not in ("auto", "on", "off"):
+            raise EngineError(f"expected auto, on or off, got {self.checkpointing!r}", field="--checkpointing")
+        if not Path(self.model_config).is_file():
+            raise EngineError("model config not found", path=self.model_config, field="--model-config")
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+
+    def config(self) -> Qwen3Config:
+        return Qwen3Config.from_json(self.model_config)
+
+    def engine_checkpointing(self) -> bool:
+        """auto: off; the CPU and GPU plans in BENCHMARKS.md say why (speed goal first)."""
+        return self.checkpointing == "on"
+
+
+# ---- shared by both sides ---------------------------------------------------------------------------
+def random_tensor(name: str, shape: tuple[int, ...], seed: int, device: torch.device,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The value parameter `name` gets on either side: norms 1 + 0.1 N(0,1), the rest 0.02 N(0,1)
+    (HF's initializer range), drawn in float32 on `device` from a generator seeded by the name."""
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+    t = t.mul_(0.1).add_(1.0) if name.endswith("norm.weight") else t.mul_(0.02)
+    return t.to(dtype)
+
+
+def fill_random_(model: torch.nn.Module, seed: int) -> None:
+    """Overwrite every parameter of an HF-named Qwen3 model in place with `random_tensor`."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(random_tensor(name, tuple(p.shape), seed, p.device, p.dtype))
+
+
+def random_engine_model(config: Qwen3Config, seed: int, device: torch.device,
+                        dtype: torch.dtype) -> Qwen3ForCausalLM:
+    """An engine model whose weights are generated in place (no init pass, no second copy)."""
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    for name, p in list(model.named_parameters()):
+        module_name, _, attr = name.rpartition(".")
+        t = random_tensor(name, tuple(p.shape), seed, device, dtype)
+        model.get_submodule(module_name)._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def make_batch(spec: BenchSpec, vocab: int, seq: int | None = None) -> dict[str, torch.Tensor]:
+    """The synthetic batch both sides train on: ids [B, T], attention_mask [B, T] (no padding),
+    score_mask [B, T] (True after the prompt), rewards [B], group_ids [B], pairs [B/2, 2] (DPO) and
+    ref_logps [B, T] (stand-ins for cached reference log-probs)."""
+    B, T = spec.batch, seq or spec.seq
+    gen = torch.Generator().manual_seed(spec.seed + 1)
+    ids = torch.randint(0, vocab, (B, T), generator=gen)
+    score = torch.zeros(B, T, dtype=torch.bool)
+    score[:, max(1, int(T * spec.prompt_frac)):] = True
+    batch = {"input_ids": ids, "attention_mask": torch.ones(B, T, dtype=torch.long), "score_mask": score,
+             "rewards": (torch.arange(B) % 2 == 0).float(), "group_ids": torch.arange(B) // 2,
+             "ref_logps": -(0.5 + 2 * torch.rand(B, T, generator=gen)) * score}
+    if spec.loss == "dpo":
+        batch["pairs"] = torch.arange(B).view(-1, 2)
+    return {k: v.to(spec.torch_device) for k, v in batch.items()}
+
+
+def loss_of(spec: BenchSpec, logps: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The spec's loss (from `losses`) on [B, T] log-probs."""
+    inputs = LossInputs(logps=logps, mask=batch["score_mask"], rewards=batch["rewards"],
+                        group_ids=batch["group_ids"], ref_logps=batch["ref_logps"], pairs=batch.get("pairs"))
+    return losses.get(spec.loss)(inputs)[0]
+
+
+def init_lora_a(shapes: list[tuple[int, int]], seed: int) -> list[torch.Tensor]:
+    """The A matrices `apply_lora(model, cfg, seed)` draws, in module order (for the HF side)."""
+    import math
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for shape in shapes:
+        a = torch.empty(shape)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        out.append(a)
+    return out
+
+
+# ---- the engine side --------------------------------------------------------------------------------
+class EngineRunner:
+    """The engine's training step, composed from the trainer's pieces: model + LoRA, token_logprobs,
+    a loss from `losses`, AdamW with clipping."""
+
+    def __init__(self, spec: BenchSpec) -> None:
+        self.spec = spec
+        self.model = random_engine_model(spec.config(), spec.seed, spec.torch_device, spec.dtype)
+        apply_lora(self.model, LoRAConfig(r=spec.rank, alpha=spec.alpha), seed=spec.seed)
+        self.model.gradient_checkpointing = spec.engine_checkpointing()
+        self.model.train()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = AdamW([{"params": params, "lr": spec.lr, "weight_decay": 0.01}])
+
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        logps = token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["score_mask"])
+        loss = loss_of(self.spec, logps, batch)
+        loss.backward()
+        self.optimizer.clip_grad_norm(1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        return float(loss.detach())
+
+    def phases(self, batch: dict[str, torch.Tensor], mark: Callable[[str], None]) -> float:
+        """`step` cut at the hidden states so each phase can be timed: mark(name) ends a phase."""
+        hidden, _ = self.model.forward_hidden(batch["input_ids"], batch["attention_mask"])
+        mark("forward")
+        leaf = hidden.detach().requires_grad_()
+        logps = hidden_logprobs(self.model, leaf, batch["input_ids"], batch["attention_mask"], batch["score_mask"])
+        loss = loss_of(self.spec, logps, batch)
+        mark("log-prob + loss")
+        loss.backward()
+        mark("log-prob backward")
+        hidden.backward(leaf.grad)
+        mark("backward")
+        self.optimizer.clip_grad_norm(1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        mark("optimizer")
+        return float(loss.detach())
+
+
+def _hf_side():
+    if str(REPO_ROOT) not in sys.path:
+        sys.path.insert(0, str(REPO_ROOT))
+    try:
+        return importlib.import_module("benchmarks.bench_train")
+    except ImportError as e:
+        raise EngineError(f"the transformers + PEFT side needs benchmarks/bench_train.py, transformers and "
+                          f"peft ({e})") from None
+
+
+def make_runner(side: str, spec: BenchSpec):
+    return EngineRunner(spec) if side == "engine" else _hf_side().HFRunner(spec)
+
+
+# ---- memory and timing in a worker ------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new peak: CUDA's counters, or the kernel's RSS high-water mark (Linux clear_refs 5)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _proc_status_kb(key: str) -> int | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def memory_report(device: torch.device) -> dict[str, float]:
+    """Bytes: `peak` over the whole process (CPU ru_maxrss, CUDA max allocated since the last reset
+    is `step_peak`; on CUDA `peak` is the larger of it and the build's)."""
+    if device.type == "cuda":
+        return {"step_peak": torch.cuda.max_memory_allocated(device), "now": torch.cuda.memory_allocated(device)}
+    hwm = _proc_status_kb("VmHWM")
+    return {"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "step_peak": hwm * 1024 if hwm is not None else None, "now": (_proc_status_kb("VmRSS") or 0) * 1024}
+
+
+def _worker(side: str, spec_dict: dict[str, Any], conn) -> None:
+    """A spawned process holding one side: replies to ("step", None), ("seq", T), ("stop", None)."""
+    try:
+        spec = BenchSpec(**spec_dict)
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        device = spec.torch_device
+        t0 = time.perf_counter()
+        runner = make_runner(side, spec)
+        vocab = spec.config().vocab_size
+        batch = make_batch(spec, vocab)
+        _sync(device)
+        build = {"build_s": time.perf_counter() - t0, **{f"built_{k}": v for k, v in memory_report(device).items()}}
+        build_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+        reset_peak(device)
+        conn.send(("ready", build))
+        while True:
+            cmd, arg = conn.recv()
+            if cmd == "stop":
+                report = memory_report(device)
+                if build_peak is not None:
+                    report["peak"] = max(build_peak, report["step_peak"])
+                conn.send(("ok", report))
+                return
+            if cmd == "seq":
+                batch = make_batch(spec, vocab, seq=arg)
+            try:
+                _sync(device)
+                t = time.perf_counter()
+                loss = runner.step(batch)
+                _sync(device)
+                conn.send(("ok", {"s": time.perf_counter() - t, "loss": loss,
+                                  "step_peak": memory_report(device)["step_peak"]}))
+            except torch.cuda.OutOfMemoryError as e:
+                runner.optimizer.zero_grad()
+                torch.cuda.empty_cache()
+                conn.send(("oom", str(e).splitlines()[0]))
+    except BaseException:  # noqa: BLE001 - the parent reports it
+        conn.send(("error", traceback.format_exc()))
+
+
+class Worker:
+    def __init__(self, side: str, spec: BenchSpec) -> None:
+        self.side = side
+        ctx = mp.get_context("spawn")  # a fresh process: its memory is this side's alone
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker, args=(side, dataclasses.asdict(spec), child), daemon=True)
+        self.proc.start()
+        child.close()
+        self.ready = self._reply("ready")
+
+    def _reply(self, expect: str = "ok") -> Any:
+        try:
+            kind, payload = self.conn.recv()
+        except EOFError:
+            self.proc.join(5)
+            raise RuntimeError(f"{self.side} worker died (exit code {self.proc.exitcode}; killed for memory?)") from None
+        if kind == "error":
+            raise RuntimeError(f"{self.side} worker failed:\n{payload}")
+        if kind == "oom":
+            return {"oom": payload}
+        return payload
+
+    def ask(self, cmd: str, arg: Any = None) -> Any:
+        self.conn.send((cmd, arg))
+        return self._reply()
+
+    def stop(self) -> dict:
+        report = self.ask("stop")
+        self.proc.join(30)
+        return report
+
+
+# ---- the comparison ---------------------------------------------------------------------------------
+def step_flops(spec: BenchSpec, cfg: Qwen3Config, seq: int | None = None) -> float:
+    """Model FLOPs of one training step (module docstring)."""
+    T = seq or spec.seq
+    H, L = cfg.hidden_size, cfg.num_hidden_layers
+    linear = L * (2 * H * cfg.q_out + 2 * H * cfg.kv_out + 3 * H * cfg.intermediate_size)
+    lora = L * spec.rank * (2 * (H + cfg.q_out) + 2 * (H + cfg.kv_out))
+    tokens = spec.batch * T
+    scored = spec.batch * (T - max(1, int(T * spec.prompt_frac)))
+    attention = 6 * L * cfg.num_attention_heads * cfg.head_dim * T * (T + 1) * spec.batch
+    return 4 * linear * tokens + 6 * lora * tokens + 4 * cfg.vocab_size * H * scored + attention
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16 if key in name), None)
+
+
+def run_bench(spec: BenchSpec, sides: tuple[str, ...] = SIDES, log: Callable[[str], None] = print) -> dict:
+    """Build each side in its own process, alternate timed steps, return the results (see `format_table`)."""
+    load_before = os.getloadavg()
+    workers: dict[str, Worker] = {}
+    try:
+        for side in sides:
+            log(f"building {side} ...")
+            workers[side] = Worker(side, spec)
+        times: dict[str, list[float]] = {s: [] for s in sides}
+        losses_seen: dict[str, list[float]] = {s: [] for s in sides}
+        for rnd in range(spec.warmup + spec.steps):
+            for side in (sides if rnd % 2 == 0 else sides[::-1]):
+                r = workers[side].ask("step")
+                if "oom" in r:
+                    raise RuntimeError(f"{side} ran out of memory: {r['oom']}")
+                losses_seen[side].append(r["loss"])
+                if rnd >= spec.warmup:
+                    times[side].append(r["s"])
+                log(f"  step {rnd + 1} {side}: {r['s']:.3f} s, loss {r['loss']:.6f}"
+                    + ("" if rnd >= spec.warmup else " (warm-up)"))
+        memory = {side: w.stop() for side, w in workers.items()}
+    finally:
+        for w in workers.values():
+            if w.proc.is_alive():
+                w.proc.kill()
+    cfg = spec.config()
+    flops = step_flops(spec, cfg)
+    peak = device_peak_flops(spec.torch_device)
+    tokens = spec.batch * spec.seq
+    rows = {}
+    for side in sides:
+        med = statistics.median(times[side])
+        rows[side] = {"step_s": med, "min_s": min(times[side]), "max_s": max(times[side]), "tok_s": tokens / med,
+                      "tflops": flops / med / 1e12, "mfu": flops / med / peak if peak else None,
+                      "losses": losses_seen[side], "times": times[side],
+                      **workers[side].ready, **memory[side]}
+    result = {"spec": dataclasses.asdict(spec), "device": _device_name(spec.torch_device),
+              "dtype": str(spec.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+              "load": [load_before, os.getloadavg()], "step_flops": flops, "peak_flops": peak,
+              "tokens": tokens, "rows": rows}
+    if set(sides) == set(SIDES):
+        e, h = rows["engine"], rows["hf"]
+        result["tok_s_ratio"] = e["tok_s"] / h["tok_s"]
+        result["peak_mem_ratio"] = e["peak"] / h["peak"]
+        result["max_loss_diff"] = max(abs(a - b) for a, b in zip(e["losses"], h["losses"]))
+    return result
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
+
+
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def format_table(result: dict) -> str:
+    spec = result["spec"]
+    name = Path(spec["model_config"]).stem
+    scored = spec["seq"] - max(1, int(spec["seq"] * spec["prompt_frac"]))
+    lines = [f"{name}, batch {spec['batch']} x {spec['seq']} tokens ({scored} scored per row), loss "
+             f"{spec['loss']}, LoRA r={spec['rank']} alpha={spec['alpha']:g} on q/k/v/o, {result['dtype']} on "
+             f"{result['device']}, {result['threads']} threads, load {result['load'][0][0]:.2f} -> "
+             f"{result['load'][1][0]:.2f}, {spec['steps']} timed steps after {spec['warmup']} warm-up (alternating)"]
+    head = ("side", "tok/s", "step s (median)", "min-max s", "peak GiB", "step-peak GiB", "built GiB",
+            "TFLOP/s", "MFU", "loss first -> last")
+    cells = []
+    for side, r in result["rows"].items():
+        built = r.get("built_now")
+        cells.append((side, f"{r['tok_s']:.1f}", f"{r['step_s']:.3f}", f"{r['min_s']:.3f}-{r['max_s']:.3f}",
+                      _gib(r.get("peak")), _gib(r.get("step_peak")), _gib(built), f"{r['tflops']:.3f}",
+                      "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
+                      f"{r['losses'][0]:.6f} -> {r['losses'][-1]:.6f}"))
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.append(f"FLOPs/step {result['step_flops']:.4g}: 4 N_lin per token (frozen base) + 6 per LoRA param per token "
+                 "+ 4 V H per scored token (LM head) + causal attention 6 L heads head_dim T(T+1) per row"
+                 + (f"; MFU against {result['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16" if result["peak_flops"] else ""))
+    lines.append("peak = the process's whole-life peak (CPU: ru_maxrss of its own child process; CUDA: max "
+                 "allocated); step-peak = since the model was built")
+    if "tok_s_ratio" in result:
+        lines.append(f"max |loss_engine - loss_hf| over all steps: {result['max_loss_diff']:.2e}")
+        lines.append(f"engine/hf tok_s ratio={result['tok_s_ratio']:.3f} peak_mem ratio={result['peak_mem_ratio']:.3f}")
+    return "\n".join(lines)
+
+
+def save_result(result: dict, path: str | os.PathLike) -> None:
+    write_json(path, result)

@@ -1,0 +1,203 @@
+"""Data-parallel training over torch.distributed, on CPU with gloo and 2 real processes (torchrun):
+2 ranks compute the single-process run (all six losses, FSDP2-sharded base), checkpoints resume on
+another number of ranks, only rank 0 writes, and the collectives helpers behave.
+
+What is not tested here (no GPU on this machine): NCCL, one GPU per rank, bf16 under FSDP."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.distributed import share_units, shard_indices
+from engine.train_config import load_config
+from engine.trainer import train
+from helpers import REPO, tiny_model_dir, write_rollouts
+from test_faults import one_thread  # the torchrun workers run one thread each; so does the reference
+
+LOSSES = ["sft", "rft", "dft", "rift", "grpo", "dpo"]
+STEPS = 4
+
+
+def torchrun(args, cwd, nproc=2, timeout=240):
+    """Launch `args` on `nproc` CPU ranks (gloo) the way a user would: torchrun, a free port."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def adapter(path):
+    return load_file(str(path / "adapter_model.safetensors"))
+
+
+def max_diff(a, b):
+    a, b = adapter(a), adapter(b)
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Single-process references for the six losses, then one 2-rank FSDP launch of all six
+    (global batch 16 = 4 groups, micro-batches of 4 rows, so each rank accumulates 2 of them)."""
+    root = tmp_path_factory.mktemp("dist")
+    model = tiny_model_dir(root / "model")
+    rollouts = write_rollouts(root / "rollouts.jsonl", n_groups=8)
+    config = root / "cfg.toml"
+    config.write_text(textwrap.dedent(f"""\
+        model = "{model}"
+        rollouts = "{rollouts}"
+        steps = {STEPS}
+        lr = 2e-2
+        batch_size = 16
+        micro_batch_size = 4
+        lora_r = 4
+        lora_alpha = 8.0
+        warmup_ratio = 0.25
+        max_len = 128
+        save_every = 2
+        [lr_per_loss]
+        dpo = 1e-3
+        """))
+    with one_thread():
+        for loss in LOSSES:
+            train(load_config(config, loss=loss, out=str(root / "single" / loss)), progress=False)
+    launch = torchrun([str(REPO / "cli.py"), "train", "--loss", "all", "--config", str(config),
+                       "--out", str(root / "fsdp"), "--fsdp", "--quiet"], cwd=root)
+    assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    return root, config, launch
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+def test_two_fsdp_ranks_equal_one_process(runs, loss):
+    root, _, launch = runs
+    single, two = root / "single" / loss, root / "fsdp" / loss
+    assert max_diff(single / "final", two / "final") <= 1e-6
+    # The comparison means something: training moved the adapter far more than the tolerance.
+    b = [t for k, t in adapter(single / "final").items() if "lora_B" in k]
+    assert max(float(t.abs().max()) for t in b) > 1e-3
+    start, *rows, end = metrics(two)
+    assert start["world_size"] == 2 and start["fsdp"] is True and end["event"] == "end"
+    reference = [r for r in metrics(single) if "step" in r]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    for mine, ref in zip(rows, reference):
+        # Same global batch, normaliser and schedule; the 4 micro-batches are split over 2 ranks.
+        assert (mine["tokens"], mine["normaliser"], mine["lr"]) == (ref["tokens"], ref["normaliser"], ref["lr"])
+        assert mine["micro_batches"] == ref["micro_batches"] >= 4
+        assert abs(mine["loss"] - ref["loss"]) <= 1e-5 * max(1.0, abs(ref["loss"]))
+    assert launch.stdout.count(f"{loss}: adapter written") == 1  # rank 0 alone reports
+
+
+def test_only_rank_zero_writes(runs):
+    root, _, _ = runs
+    for loss in LOSSES:
+        names = sorted(p.name for p in (root / "fsdp" / loss).iterdir())
+        assert names == [".lock", "final", "metrics.jsonl", "step-2"], names
+        lines = (root / "fsdp" / loss / "metrics.jsonl").read_text().splitlines()
+        assert len(lines) == STEPS + 2  # one writer: no duplicated rows
+    # FSDP computes the reference log-probs sharded and does not cache them; nothing else appeared.
+    assert sorted(p.name for p in (root / "fsdp").iterdir()) == sorted(LOSSES)
+
+
+def test_resume_on_another_number_of_ranks(runs):
+    """1 -> 2 ranks (DDP, DPO: reference log-probs broadcast from rank 0) and 2 -> 1 rank (GRPO)."""
+    root, config, _ = runs
+    one_to_two = root / "one_to_two"
+    one_to_two.mkdir()
+    shutil.copytree(root / "single" / "dpo" / "step-2", one_to_two / "step-2")
+    shutil.copy(root / "single" / "dpo" / "metrics.jsonl", one_to_two / "metrics.jsonl")
+    launch = torchrun([str(REPO / "cli.py"), "train", "--loss", "dpo", "--config", str(config),
+                       "--out", str(one_to_two), "--resume", "--quiet"], cwd=root)
+    assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    assert max_diff(root / "single" / "dpo" / "final", one_to_two / "final") <= 1e-6
+    rows = metrics(one_to_two)
+    assert [r["step"] for r in rows if "step" in r] == [1, 2, 3, 4]  # the log reads as one run
+    assert [r["world_size"] for r in rows if r.get("event") == "start"] == [1, 2]
+    # The cached reference log-probs were written once, by rank 0, beside the output.
+    assert len(list(root.glob("ref_logps-*.safetensors"))) == 1
+
+    two_to_one = root / "two_to_one"
+    two_to_one.mkdir()
+    shutil.copytree(root / "fsdp" / "grpo" / "step-2", two_to_one / "step-2")
+    with one_thread():
+        final = train(load_config(config, loss="grpo", out=str(two_to_one)), resume=True, progress=False)
+    assert max_diff(root / "single" / "grpo" / "final", final) <= 1e-6
+
+
+WORKER = r'''
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from engine import distributed
+from engine.errors import EngineError
+from engine.optim import AdamW
+
+ctx = distributed.setup()
+rank = ctx.rank
+out = {"world": ctx.world_size}
+out["gathered"] = distributed.gather_json(ctx, {"rank": rank, "text": "x" * (3 * rank)})
+out["sums"] = distributed.all_reduce_sum(ctx, [rank + 0.5, 2])
+# Gradients of two parameter buckets (float32, float64) are summed over ranks in place.
+a = torch.nn.Parameter(torch.zeros(5)); b = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
+opt = AdamW([a, b], lr=0.1)
+(a * (rank + 1) * torch.arange(5.0)).sum().backward(); (b * (rank + 1)).sum().backward()
+distributed.all_reduce_gradients(ctx, opt)
+out["grad_a"], out["grad_b"] = a.grad.tolist(), b.grad.flatten().tolist()
+def fails():
+    raise EngineError("disk full", path="/x/step-2", field="checkpoint")
+try:
+    distributed.on_main(ctx, fails)
+except EngineError as e:
+    out["error"] = [type(e).__name__, str(e)]
+out["main_result"] = distributed.on_main(ctx, lambda: {"picked": rank})
+print("RESULT", rank, __import__("json").dumps(out), flush=True)
+distributed.shutdown()
+'''
+
+
+def test_collective_helpers(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    launch = torchrun([str(script), str(REPO)], cwd=tmp_path)
+    assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    results = {int(line.split()[1]): json.loads(line.split(" ", 2)[2])
+               for line in launch.stdout.splitlines() if line.startswith("RESULT")}
+    assert sorted(results) == [0, 1]
+    for rank, r in results.items():
+        assert r["world"] == 2
+        assert r["gathered"] == [{"rank": 0, "text": ""}, {"rank": 1, "text": "xxx"}]
+        assert r["sums"] == [2.0, 4.0]
+        assert r["grad_a"] == [3.0 * i for i in range(5)] and r["grad_b"] == [3.0] * 6
+        # Rank 0's failure is raised on every rank with the same message; its result reaches all.
+        assert r["error"] == ["EngineError", "/x/step-2: field 'checkpoint': disk full"]
+        assert r["main_result"] == {"picked": 0}
+
+
+def test_share_units_is_a_balanced_partition():
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(30):
+        n_units, world = int(torch.randint(1, 12, (1,), generator=gen)), int(torch.randint(1, 5, (1,), generator=gen))
+        sizes = torch.randint(1, 5, (n_units,), generator=gen).tolist()
+        units, row = [], 0
+        for s in sizes:
+            units.append(list(range(row, row + s)))
+            row += s
+        lengths = torch.randint(3, 40, (row,), generator=gen).tolist()
+        shares = share_units(units, lengths, world)
+        assert share_units(units, lengths, world) == shares  # every rank computes the same split
+        assert len(shares) == world and sorted(u for s in shares for u in s) == list(range(n_units))
+        load = [sum(lengths[i] for u in s for i in units[u]) for s in shares]
+        biggest = max(sum(lengths[i] for i in u) for u in units)
+        assert max(load) - min(load) <= biggest  # greedy longest-first bound
+        covered = [i for r in range(world) for i in shard_indices(row, r, world)]
+        assert covered == list(range(row))
+        assert max(len(shard_indices(row, r, world)) for r in range(world)) - \
+            min(len(shard_indices(row, r, world)) for r in range(world)) <= 1

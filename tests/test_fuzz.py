@@ -1,0 +1,464 @@
+"""Hardened inputs: property-based fuzzing (hypothesis) of the rollouts parser, the TOML config loader
+and the adapter loader on random and mutated inputs -- nothing but EngineError ever comes out, and it
+names the file, the line and the field; only safetensors are ever deserialised (planted pickles are
+never opened); names read from files never escape their directory.
+
+Example counts are modest (see MAX_EXAMPLES) so the file stays fast; the counts actually tried are
+printed at the end of the module (run with -s)."""
+import json
+import math
+import os
+import pickle
+import shutil
+import string
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, example, given, settings, strategies as st
+from safetensors.torch import save_file
+
+import engine
+from engine.checkpoint import load_model
+from engine.config import Qwen3Config
+from engine.data import read_rollouts
+from engine.errors import EngineError
+from engine.lora import LoRAConfig, apply_lora, load_adapter, lora_modules, read_adapter_config, save_adapter
+from engine.model import Qwen3ForCausalLM
+from engine.train_config import TrainConfig, load_config
+from helpers import tiny_config
+
+MAX_EXAMPLES = 300
+TRIED: dict[str, int] = {}
+FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def tried(name: str) -> None:
+    TRIED[name] = TRIED.get(name, 0) + 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_counts():
+    yield
+    print(f"\nfuzzed inputs tried: {TRIED} (total {sum(TRIED.values())})")
+
+
+# Any JSON value, including the awkward ones: huge integers, NaN/inf, deep-ish nesting.
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+    | st.sampled_from([10 ** 400, -(10 ** 400), "", " ", "\x00"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8)
+
+
+def no_surrogates(s: str) -> bool:
+    return all(not 0xD800 <= ord(c) <= 0xDFFF for c in s)
+
+
+# ---- rollouts (engine/data.py read_rollouts) -----------------------------------------------------
+ROLLOUT_FIELDS = ("prompt", "completion", "reward", "group", "behavior_logps", "finished")
+REQUIRED = ("prompt", "completion", "reward", "group")
+VALID_ROLLOUT = st.fixed_dictionaries(
+    {"prompt": st.text(min_size=1, max_size=20) | st.lists(st.fixed_dictionaries(
+        {"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=20)}),
+        min_size=1, max_size=3),
+     "completion": st.text(min_size=1, max_size=30).filter(str.strip),
+     "reward": st.integers(-5, 5) | st.floats(-10, 10, allow_nan=False),
+     "group": st.text(max_size=6) | st.integers(-99, 99)},
+    optional={"behavior_logps": st.lists(st.floats(-20, 0), max_size=4), "finished": st.booleans(),
+              "answer": JSON, "source": JSON})
+# Values each field must reject, beside the random ones.
+INVALID = {
+    "prompt": st.sampled_from(["", [], [{"role": "user"}], [{"role": 1, "content": "x"}], 5, None, ["x"]]),
+    "completion": st.sampled_from(["", "   \n", 3, None, ["x"]]),
+    "reward": st.sampled_from([float("nan"), float("inf"), "1", True, None, [1], 10 ** 400]),
+    "group": st.sampled_from([None, True, 1.5, [1], {"a": 1}]),
+    "behavior_logps": st.sampled_from([[0.5], ["x"], [float("nan")], 3, [True], [10 ** 400]]),
+    "finished": st.sampled_from([0, 1, "yes", None]),
+}
+
+
+def mutation():
+    """(kind, field, value) applied to one valid record; `field` is the only field it can break."""
+    return st.one_of(
+        st.tuples(st.just("drop"), st.sampled_from(REQUIRED), st.none()),
+        st.tuples(st.just("set"), st.sampled_from(ROLLOUT_FIELDS), JSON),
+        st.sampled_from(ROLLOUT_FIELDS).flatmap(lambda f: st.tuples(st.just("invalid"), st.just(f), INVALID[f])),
+        st.tuples(st.just("surrogate"), st.sampled_from(["completion", "prompt"]), st.none()),
+        st.tuples(st.just("truncate"), st.none(), st.integers(0, 200)),
+        st.tuples(st.just("text"), st.none(), st.text(max_size=40).filter(lambda s: "\n" not in s and "\r" not in s)),
+        st.tuples(st.just("bytes"), st.none(), st.binary(max_size=40).filter(lambda b: b"\n" not in b)),
+        st.tuples(st.just("deep"), st.none(), st.integers(2000, 50000)),
+    )
+
+
+def render(record: dict, mut) -> tuple[bytes, str | None]:
+    """The mutated line and the field an error about it must name ('*' = any, None = the line)."""
+    kind, field, value = mut
+    rec = dict(record)
+    if kind == "drop":
+        rec.pop(field)
+        return json.dumps(rec).encode(), field
+    if kind in ("set", "invalid"):
+        rec[field] = value
+        return json.dumps(rec).encode(), field
+    if kind == "surrogate":
+        rec[field] = "x\ud800y"
+        return json.dumps(rec).encode(), field  # json escapes it as \ud800: valid JSON, invalid text
+    if kind == "truncate":
+        return json.dumps(rec).encode()[:value], None
+    if kind == "text":
+        return value.encode("utf-8", "surrogatepass"), "*"
+    if kind == "bytes":
+        return value, "*"
+    return b"[" * value + b"]" * value, None
+
+
+@FUZZ
+@given(before=st.lists(VALID_ROLLOUT, max_size=3), record=VALID_ROLLOUT, mut=mutation(),
+       after=st.lists(VALID_ROLLOUT, max_size=2), blank=st.booleans())
+def test_rollouts_parser_only_raises_engine_errors_naming_file_line_field(tmp_path, before, record, mut,
+                                                                         after, blank):
+    tried("rollouts")
+    bad_line, field = render(record, mut)
+    lines = [json.dumps(r).encode() for r in before] + ([b"   "] if blank else []) + [bad_line] + \
+        [json.dumps(r).encode() for r in after]
+    line_no = len(before) + (2 if blank else 1)
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    try:
+        rollouts, _ = read_rollouts(path)
+    except EngineError as e:
+        if not bad_line.strip():
+            assert not before and not after and e.line is None and "no rollouts" in e.message
+            return
+        assert e.path == str(path) and e.line == line_no, (str(e), line_no)
+        assert str(e).startswith(f"{path}:{line_no}: ")
+        if field == "*":
+            assert e.field in ROLLOUT_FIELDS + (None,)
+        else:
+            assert e.field == field, (str(e), field)
+        if e.field is None:
+            assert e.message.startswith(("not valid JSON", "expected a JSON object", "not UTF-8 text"))
+        # Skipping bad lines keeps every good one and counts the bad one.
+        if before or after:
+            kept, skipped = read_rollouts(path, on_bad="skip")
+            assert len(kept) == len(before) + len(after) and skipped.count == 1
+        return
+    # Accepted: the mutation left a valid record, read back as written.
+    expected = before + [json.loads(bad_line)] + after if bad_line.strip() else before + after
+    assert len(rollouts) == len(expected)
+    for got, want in zip(rollouts, expected):
+        assert got.completion == want["completion"] and got.group == str(want["group"])
+        assert got.reward == float(want["reward"]) and math.isfinite(got.reward)
+        assert got.prompt == want["prompt"]
+
+
+# ---- TOML config (engine/train_config.py load_config) ------------------------------------------
+CONFIG_FIELDS = sorted(TrainConfig.__dataclass_fields__)
+TOML_SCALAR = st.one_of(st.booleans(), st.integers(-(2 ** 63), 2 ** 63 - 1), st.sampled_from([10 ** 30, -1, 0]),
+                        st.floats(), st.text(max_size=10).filter(no_surrogates),
+                        st.sampled_from(["fail", "skip", "one", "all", "float32", "q_proj", "a\x00b"]))
+TOML_VALUE = st.recursive(TOML_SCALAR, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(st.text(string.ascii_lowercase, min_size=1, max_size=6), inner, max_size=2),
+                          max_leaves=6)
+
+
+def toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(x)}" for k, x in v.items()) + "}"
+
+
+BASE_TOML = 'steps = 3\nlr = 0.001\nbatch_size = 8\n\n[lr_per_loss]\ndpo = 0.0001\n'
+
+
+@FUZZ
+@given(key=st.sampled_from(CONFIG_FIELDS) | st.text(string.ascii_lowercase + "_", min_size=1, max_size=10),
+       value=TOML_VALUE, as_table=st.booleans())
+def test_config_loader_names_file_line_field(tmp_path, key, value, as_table):
+    """One setting with a random value, written as `key = value` (or a [key] table): accepted and
+    stored as written, or rejected naming the file, the key's line and the key."""
+    tried("config-values")
+    if key in ("steps", "lr", "batch_size", "lr_per_loss"):
+        key = "seed"
+    path = tmp_path / "c.toml"
+    if as_table and isinstance(value, dict) and value:
+        text = BASE_TOML + f"\n[{key}]\n" + "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in value.items())
+        key_line = BASE_TOML.count("\n") + 2
+    else:
+        text = f"{key} = {toml_value(value)}\n" + BASE_TOML
+        key_line = 1
+    path.write_text(text, encoding="utf-8")
+    try:
+        cfg = load_config(path)
+    except EngineError as e:
+        assert e.path == str(path), str(e)
+        if e.message.startswith("not valid TOML"):
+            assert e.line is not None and e.field is None   # TOML syntax (e.g. a raw DEL in a string)
+        else:
+            assert (e.field, e.line) == (key, key_line), (str(e), key, key_line)
+            assert str(e).startswith(f"{path}:{key_line}: field '{key}': ")
+        return
+    got = getattr(cfg, key)
+    assert got == value or (isinstance(value, int) and got == float(value)) or \
+        (isinstance(value, list) and got == [float(x) for x in value]) or \
+        (isinstance(value, dict) and got == {k: float(x) for k, x in value.items()})
+    assert (cfg.steps, cfg.lr, cfg.lr_per_loss) == (3, 0.001, {"dpo": 0.0001})
+
+
+CPU_TOML = (Path(__file__).resolve().parents[1] / "configs" / "cpu.toml").read_bytes()
+
+
+@FUZZ
+@given(edits=st.lists(st.tuples(st.integers(0, len(CPU_TOML)), st.integers(0, 3), st.binary(max_size=3)),
+                      min_size=1, max_size=4))
+def test_config_loader_on_mutated_files(tmp_path, edits):
+    """Byte-level mutations (replace / insert / delete) of the shipped config preset."""
+    tried("config-mutations")
+    data = bytearray(CPU_TOML)
+    for at, remove, insert in edits:
+        data[at:at + remove] = insert
+    path = tmp_path / "c.toml"
+    path.write_bytes(bytes(data))
+    try:
+        load_config(path)
+    except EngineError as e:
+        assert e.path == str(path)
+        if e.field is not None or e.message.startswith(("not valid TOML", "not UTF-8")):
+            assert e.line is not None and 1 <= e.line <= bytes(data).count(b"\n") + 1, str(e)
+
+
+def test_config_loader_edge_cases(tmp_path):
+    """Inputs that once escaped as other exceptions (RecursionError, OverflowError, ValueError) or
+    were accepted although unusable: (text of line 2, the field named, the line named)."""
+    cases = [(b"seed = " + b"[" * 3000 + b"]" * 3000, None, None), (b"lr = nan", "lr", 2),
+             (b"seed = 1" + b"0" * 40, "seed", 2), (b"\xff\xfe = 1", None, 2), (b"save_every = 10000000000000", "save_every", 2),
+             (b"adam_betas = [0.9]", "adam_betas", 2), (b"lora_targets = [1]", "lora_targets", 2),
+             (b"loss_hparams = {dpo = 1}", "loss_hparams", 2), (b'model = "a\\u0000b"', "model", 2),
+             (b"lr = 1" + b"0" * 400, "lr", 2), (b"[lr_per_loss]\ndpo = -inf", "lr_per_loss", 2)]
+    for text, field, line in cases:
+        path = tmp_path / "c.toml"
+        path.write_bytes(b"steps = 3\n" + text + b"\n")
+        with pytest.raises(EngineError) as info:
+            load_config(path)
+        e = info.value
+        assert (e.path, e.field, e.line) == (str(path), field, line), str(e)
+
+
+# ---- adapters (engine/lora.py read_adapter_config / load_adapter) ---------------------------------
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
+    """A tiny LoRA model and its saved adapter (the template every mutation starts from)."""
+    root = tmp_path_factory.mktemp("adapter")
+    model = Qwen3ForCausalLM(Qwen3Config.from_dict(tiny_config(num_hidden_layers=1)))
+    apply_lora(model, LoRAConfig(r=2, alpha=4.0), seed=0)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.normal_()
+    save_adapter(model, root / "adapter", base_name="tiny")
+    return root / "adapter", model
+
+
+ADAPTER_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "peft_type", "bias")
+
+
+@pytest.mark.xfail(strict=True, reason="engine/lora.py read_adapter_config lets OverflowError / RecursionError / "
+                   "ValueError escape, names no field for bad values and accepts r=true, alpha nan or <= 0: "
+                   "fixed by the patch handed to the lead (remove this marker once applied)")
+@FUZZ
+@example(key="lora_alpha", value=10 ** 400, drop=False)
+@example(key="lora_dropout", value="x", drop=False)
+@given(key=st.sampled_from(ADAPTER_KEYS) | st.text(max_size=6), value=JSON, drop=st.booleans())
+def test_adapter_config_only_raises_engine_errors_naming_the_field(adapter_dir, tmp_path, key, value, drop):
+    tried("adapter-config")
+    template, _ = adapter_dir
+    raw = json.loads((template / "adapter_config.json").read_text())
+    if drop and key in raw:
+        del raw[key]
+    else:
+        raw[key] = value
+    (tmp_path / "adapter_config.json").write_text(json.dumps(raw))
+    try:
+        cfg, _ = read_adapter_config(tmp_path)
+    except EngineError as e:
+        assert e.path == str(tmp_path / "adapter_config.json") and e.field == key, (str(e), key)
+        return
+    assert isinstance(cfg.r, int) and not isinstance(cfg.r, bool) and cfg.r > 0
+    assert math.isfinite(cfg.alpha) and cfg.alpha > 0 and 0 <= cfg.dropout < 1
+    assert isinstance(cfg.use_rslora, bool)
+
+
+@FUZZ
+@given(kind=st.sampled_from(["truncate", "flip", "insert", "header"]), at=st.integers(0, 10 ** 6),
+       data=st.binary(min_size=1, max_size=8), header_value=JSON)
+def test_adapter_weights_only_raise_engine_errors(adapter_dir, tmp_path, kind, at, data, header_value):
+    """Mutated adapter_model.safetensors bytes (header and data) on a model whose LoRA shapes match."""
+    tried("adapter-weights")
+    template, model = adapter_dir
+    blob = bytearray((template / "adapter_model.safetensors").read_bytes())
+    header_len = int.from_bytes(blob[:8], "little")
+    at %= len(blob)
+    if kind == "truncate":
+        blob = blob[:at]
+    elif kind == "flip":
+        blob[at] ^= data[0] or 1
+    elif kind == "insert":
+        blob[at:at] = data
+    else:
+        header = json.loads(blob[8:8 + header_len])
+        name = sorted(k for k in header if k != "__metadata__")[at % (len(header) - 1)]
+        field = ["dtype", "shape", "data_offsets"][at % 3]
+        header[name][field] = header_value
+        encoded = json.dumps(header).encode()
+        blob = bytearray(len(encoded).to_bytes(8, "little")) + encoded + blob[8 + header_len:]
+    shutil.copy(template / "adapter_config.json", tmp_path / "adapter_config.json")
+    (tmp_path / "adapter_model.safetensors").write_bytes(bytes(blob))
+    try:
+        load_adapter(model, tmp_path)
+    except EngineError as e:
+        assert e.path in (str(tmp_path / "adapter_model.safetensors"), str(tmp_path)), str(e)
+
+
+def test_adapter_tensors_wrong_shape_missing_or_extra(adapter_dir, tmp_path):
+    template, model = adapter_dir
+    from safetensors.torch import load_file
+    good = load_file(str(template / "adapter_model.safetensors"))
+    first = sorted(good)[0]
+    variants = {"shape": {**good, first: torch.zeros(3, 3)}, "missing": {k: v for k, v in good.items() if k != first},
+                "extra": {**good, "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(2, 2)}}
+    for name, tensors in variants.items():
+        shutil.copy(template / "adapter_config.json", tmp_path / "adapter_config.json")
+        save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+        with pytest.raises(EngineError) as info:
+            load_adapter(model, tmp_path)
+        assert info.value.path == str(tmp_path / "adapter_model.safetensors"), name
+
+
+def tiny_model(path: Path) -> Path:
+    """A random-weight one-layer Qwen3 checkpoint directory (config.json + model.safetensors)."""
+    engine.save_model(Qwen3ForCausalLM(Qwen3Config.from_dict(tiny_config(num_hidden_layers=1))), path)
+    return path
+
+
+# ---- only safetensors are deserialised -----------------------------------------------------------
+class Planted:
+    """Unpickling this creates a marker file: proof that a pickle was opened."""
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture
+def no_unpickling(monkeypatch):
+    """Every route to unpickling fails the test; opens of files are recorded (audit hook)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("something tried to unpickle")
+
+    class ForbiddenUnpickler(pickle.Unpickler):  # a class: torch subclasses pickle.Unpickler on import
+        def __init__(self, *args, **kwargs):
+            forbidden()
+    for target, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(target, name, forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", ForbiddenUnpickler)
+    OPENED.clear()
+    AUDIT["on"] = True
+    yield OPENED
+    AUDIT["on"] = False
+
+
+OPENED: list[str] = []
+AUDIT = {"on": False}
+
+
+def _audit(event, args):
+    if AUDIT["on"] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+def test_planted_pickles_are_never_opened(tmp_path, no_unpickling):
+    marker = tmp_path / "PWNED"
+    payload = pickle.dumps(Planted(marker))
+    AUDIT["on"] = False  # planting writes the files: not what is being watched
+    model_dir = tiny_model(tmp_path / "model")
+    for name in ("pytorch_model.bin", "model.pt", "training_args.bin"):
+        (model_dir / name).write_bytes(payload)
+    model = load_model(model_dir, device="cpu")
+    apply_lora(model, LoRAConfig(r=2, alpha=4.0), seed=0)
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter)
+    (adapter / "adapter_model.bin").write_bytes(payload)
+    (adapter / "optimizer.pt").write_bytes(payload)
+    only_pickle = tmp_path / "only_pickle"
+    only_pickle.mkdir()
+    shutil.copy(model_dir / "config.json", only_pickle / "config.json")
+    (only_pickle / "pytorch_model.bin").write_bytes(payload)
+    AUDIT["on"] = True
+    engine.load_model(model_dir, device="cpu", adapter=adapter)
+    # Directories holding only pickles are refused with a pointer to safetensors.
+    with pytest.raises(EngineError, match="only pickle weights found"):
+        load_model(only_pickle, device="cpu")
+    AUDIT["on"] = False
+    (adapter / "adapter_model.safetensors").unlink()
+    AUDIT["on"] = True
+    with pytest.raises(EngineError, match="only safetensors adapters are read"):
+        load_adapter(load_model(model_dir, device="cpu"), adapter)
+    assert not marker.exists()
+    assert not [p for p in no_unpickling if p.endswith((".bin", ".pt"))], no_unpickling
+    # The planted payload is live: unpickling it really would have left the marker.
+    AUDIT["on"] = False
+    pickle._loads(payload)
+    assert marker.exists()
+
+
+# ---- names from files stay inside their directory ------------------------------------------------
+def test_names_never_escape_their_directory(tmp_path, no_unpickling):
+    model_dir = tiny_model(tmp_path / "models" / "m")
+    outside = tmp_path / "outside.safetensors"
+    shutil.copy(model_dir / "model.safetensors", outside)
+    keys = list(json.loads((model_dir / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (model_dir / "model.safetensors").read_bytes()[:8], "little")]))
+    for escape in ("../../outside.safetensors", str(outside)):
+        (model_dir / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {k: escape for k in keys if k != "__metadata__"}}))
+        with pytest.raises(EngineError, match="escapes the model directory") as info:
+            load_model(model_dir, device="cpu")
+        assert info.value.field == "weight_map"
+    # Adapter config fields holding paths are names only: never opened, never used as paths.
+    (model_dir / "model.safetensors.index.json").unlink()
+    model = load_model(model_dir, device="cpu")
+    apply_lora(model, LoRAConfig(r=2, alpha=4.0), seed=0)
+    adapter = tmp_path / "adapter"
+    save_adapter(model, adapter, base_name="../../../../etc/passwd")
+    raw = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**raw, "target_modules": ["../../x"]}))
+    with pytest.raises(EngineError) as info:
+        read_adapter_config(adapter)
+    assert info.value.field == "target_modules"
+    (adapter / "adapter_config.json").write_text(json.dumps(raw))
+    OPENED.clear()
+    load_adapter(model, adapter)
+    assert all(Path(p).resolve().is_relative_to(adapter.resolve()) for p in OPENED), OPENED
+    # A checkpoint manifest naming '../x' is reported as corrupt, and the file is never read.
+    from engine.checkpointing import verify
+    secret = tmp_path / "secret"
+    secret.write_text("do not read")
+    (adapter / "manifest.json").write_text(json.dumps({"files": {"../secret": {"size": 11, "sha256": "0"}}}))
+    OPENED.clear()
+    assert "outside the checkpoint directory" in verify(adapter)
+    assert str(secret) not in OPENED and not any(p.endswith("secret") for p in OPENED)
