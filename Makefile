@@ -23,11 +23,14 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 demo: $(DEPS)
 	$(PYTHON) cli.py demo
 
+# Two workers when pytest-xdist is installed (it is in requirements.lock); plain pytest otherwise.
+XDIST = $(shell $(PYTHON) -c "import xdist" >/dev/null 2>&1 && echo "-n 2")
+
 test: $(DEPS)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q $(XDIST)
 
 test-fast: $(DEPS)
-	$(PYTHON) -m pytest -q -m "not slow"
+	$(PYTHON) -m pytest -q $(XDIST) -m "not slow"
 
 profile: $(DEPS)
 	$(PYTHON) cli.py profile

@@ -4,6 +4,7 @@ Every input problem surfaces as one line `error: <file>:<line>: field '<f>': <wh
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -88,6 +89,12 @@ def train(loss, preset, config_path, resume, quiet, **flags) -> None:
                 click.echo(f"{name}: adapter written to {final}")
     finally:
         distributed.shutdown()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Every file is written and the process group is gone, but torch's gloo worker threads can
+        # outlive it and abort the interpreter's teardown (SIGABRT, ~1 run in 10): end here.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def _generation_options(f):
@@ -164,6 +171,112 @@ def analyze(run_dirs, **flags) -> None:
     from analysis import run_analysis
     run_analysis(list(run_dirs), echo=click.echo, **flags)
     click.echo(f"report: {flags['out']}/report.md")
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path())
+@click.option("--seeds", default="42", show_default=True, help="Comma-separated seeds (several show spread).")
+@click.option("--losses", "loss_names", default=None, help="Comma-separated subset of the six losses.")
+@click.option("--steps", type=int, default=None, help="Override the preset's training steps.")
+@click.option("--eval-limit", type=int, default=None, help="Evaluate on the first N test items only.")
+@click.option("--config", "config_path", type=click.Path(), default=None, help="Default configs/cpu.toml.")
+def demo(out, seeds, loss_names, steps, eval_limit, config_path) -> None:
+    """The whole study on the embedded tiny Qwen3: six trainings, evaluation, analysis report."""
+    from engine.study import run_study
+    kwargs = {"config": config_path} if config_path else {}
+    report = run_study(out, seeds=[int(s) for s in seeds.split(",")], steps=steps, eval_limit=eval_limit,
+                       loss_names=loss_names.split(",") if loss_names else None, echo=click.echo, **kwargs)
+    click.echo(f"report: {report / 'report.md'}")
+
+
+@main.command("build-embedded")
+@click.option("--out", default=None, type=click.Path(), help="Default: the repository's embedded/.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--pretrain-steps", type=int, default=None)
+@click.option("--rollout-prompts", type=int, default=256, show_default=True)
+def build_embedded_command(out, seed, pretrain_steps, rollout_prompts) -> None:
+    """Rebuild the embedded default from scratch: tokenizer, tiny Qwen3 base, K = 4 rollouts."""
+    from engine.embedded import build
+    from engine.train_config import REPO_ROOT
+    build(out or REPO_ROOT / "embedded", seed=seed, pretrain_steps=pretrain_steps,
+          rollout_prompts=rollout_prompts, echo=click.echo)
+
+
+def _bench_options(f):
+    """Flags shared by `bench` and `profile --train-step`: the model shape and the step trained."""
+    for option in reversed([
+        click.option("--model-config", default=None, type=click.Path(),
+                     help="An HF config.json (default ../shared/data/qwen3-configs/Qwen3-0.6B.json); random weights."),
+        click.option("--batch", type=int, default=1, show_default=True),
+        click.option("--seq", type=int, default=512, show_default=True, help="Tokens per row."),
+        click.option("--loss", type=click.Choice(["sft", "dpo", "grpo"]), default="sft", show_default=True),
+        click.option("--steps", type=int, default=3, show_default=True, help="Timed steps (after the warm-up)."),
+        click.option("--warmup", type=int, default=1, show_default=True),
+        click.option("--rank", type=int, default=32, show_default=True),
+        click.option("--alpha", type=float, default=64.0, show_default=True),
+        click.option("--lr", type=float, default=1e-4, show_default=True),
+        click.option("--prompt-frac", type=float, default=0.25, show_default=True,
+                     help="Leading share of each row that is prompt (not scored)."),
+        click.option("--device", default=None, help="cpu or cuda (default: cuda when available)."),
+        click.option("--threads", type=int, default=None, help="torch threads (default: torch's)."),
+        click.option("--checkpointing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                     help="Engine activation checkpointing (auto = off; see BENCHMARKS.md)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the results here."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _bench_spec(model_config, **flags):
+    from engine.bench import BenchSpec
+    from engine.train_config import REPO_ROOT
+    if model_config is None:
+        model_config = REPO_ROOT.parent / "shared" / "data" / "qwen3-configs" / "Qwen3-0.6B.json"
+    return BenchSpec(model_config=str(model_config), **flags)
+
+
+@main.command()
+@_bench_options
+@click.option("--hf-checkpointing", is_flag=True, help="Turn on HF's gradient checkpointing too.")
+@click.option("--max-seq", type=int, default=None,
+              help="Instead of timing: find the longest --seq each side trains, doubling up to this.")
+@click.option("--cpu-mem-limit-gb", type=float, default=None, help="Memory cap per CPU worker (--max-seq).")
+def bench(json_path, max_seq, **flags) -> None:
+    """Training step, this engine vs transformers + PEFT side by side: tokens/s, step time, peak memory, MFU."""
+    from engine.bench import SIDES, find_max_seq, format_table, run_bench, save_result
+    spec = _bench_spec(**flags)
+    if max_seq is not None:
+        found = {side: find_max_seq(spec, side, max_seq, log=click.echo) for side in SIDES}
+        result = {"spec": flags, "max_seq": found}
+        for side, r in found.items():
+            click.echo(f"{side}: longest sequence that trains (batch {spec.batch}): {r['max_seq']}"
+                       + (f" (first failure {r['first_failure']})" if r["first_failure"] else f" (limit {max_seq})"))
+        click.echo(f"engine/hf max_seq ratio={found['engine']['max_seq'] / max(found['hf']['max_seq'], 1):.3f}")
+    else:
+        result = run_bench(spec, log=click.echo)
+        click.echo(format_table(result))
+    if json_path:
+        save_result(result, json_path)
+
+
+@main.command()
+@click.option("--train-step", is_flag=True,
+              help="Break one engine training step down by phase (forward, log-prob, backward, optimizer).")
+@click.option("--ops", type=int, default=0, show_default=True, help="With --train-step: also the N busiest ops.")
+@_bench_options
+def profile(train_step, ops, json_path, **flags) -> None:
+    """Kernel profiler (each fused kernel against its torch reference), or one training step by phase."""
+    if train_step:
+        from engine.bench import format_profile, profile_train_step, save_result
+        result = profile_train_step(_bench_spec(**flags), top_ops=ops, log=click.echo)
+        click.echo(format_profile(result))
+    else:
+        from triton_kernels.profile import print_profile, profile_kernels
+        result = {"rows": profile_kernels(device=flags["device"])}
+        print_profile(result["rows"])
+    if json_path:
+        save_result(result, json_path)
 
 
 if __name__ == "__main__":

@@ -136,7 +136,9 @@ def run_analysis(run_dirs: Sequence[str | os.PathLike], base: str | os.PathLike 
             data_dir=data_dir, tokenizer=tokenizer, enable_thinking=enable_thinking, progress=progress)
     if eval_dir is not None:
         from .stats import evaluation
-        metrics["evaluation"] = evaluation(eval_dir, names)
+        # The base model's results, when evaluated beside the runs, join the accuracy table and McNemar.
+        extra = ["base"] if (Path(eval_dir) / "base").is_dir() and "base" not in names else []
+        metrics["evaluation"] = evaluation(eval_dir, extra + names)
     metrics = _clean(metrics)
     out = Path(out)
     metrics["plots"] = []

@@ -5,9 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from triton_kernels import dispatch
+
 from .config import Qwen3Config
 from .kv_cache import KVCache
-from .layers import RMSNorm, apply_rope
+from .layers import RMSNorm, lora_projections, norm_rope
 
 
 class Attention(nn.Module):
@@ -26,17 +28,26 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> q [B, T, q_out], k, v [B, T, kv_out]. Three active LoRA adapters of one
+        rank and scale run as one fused projection (stacked A: one low-rank GEMM each way)."""
+        mods = (self.q_proj, self.k_proj, self.v_proj)
+        fusable = all(getattr(m, "enabled", False) and not (m.dropout > 0 and m.training) for m in mods) and \
+            len({(m.r, m.scale) for m in mods}) == 1 and not dispatch.use_triton(x, *(m.weight for m in mods))
+        if not fusable:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return lora_projections(x, tuple(m.weight for m in mods), tuple(m.lora_A for m in mods),
+                                tuple(m.lora_B for m in mods), mods[0].scale)
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, kv_cache: KVCache | None = None) -> torch.Tensor:
         """x [B, T, hidden]; cos/sin [B, T, head_dim]; mask [B, 1, T, S] bool (True = attend) or None
         for plain causal attention over the T positions. Returns [B, T, hidden]."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        q = apply_rope(self.q_norm(q), cos, sin).transpose(1, 2)
-        k = apply_rope(self.k_norm(k), cos, sin).transpose(1, 2)
-        v = v.transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = norm_rope(q.view(B, T, self.num_heads, self.head_dim), self.q_norm.weight, cos, sin, self.eps)
+        k = norm_rope(k.view(B, T, self.num_kv_heads, self.head_dim), self.k_norm.weight, cos, sin, self.eps)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         gqa = self.num_heads != self.num_kv_heads
@@ -44,4 +55,6 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        # SDPA's output is [B, T, H, D] in memory, so this is a view, not a copy.
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+

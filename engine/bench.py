@@ -71,6 +71,7 @@ class BenchSpec:
     seed: int = 0
     checkpointing: str = "auto"          # engine activation checkpointing: auto | on | off
     hf_checkpointing: bool = False       # HF's gradient_checkpointing_enable()
+    cpu_mem_limit_gb: float | None = None  # address-space cap for CPU workers (the --max-seq search)
 
     def __post_init__(self) -> None:
         if self.loss not in BENCH_LOSSES:
@@ -265,10 +266,21 @@ def memory_report(device: torch.device) -> dict[str, float]:
             "step_peak": hwm * 1024 if hwm is not None else None, "now": (_proc_status_kb("VmRSS") or 0) * 1024}
 
 
+def _is_oom(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in text or \
+        "can't allocate memory" in text or "failed to allocate" in text
+
+
 def _worker(side: str, spec_dict: dict[str, Any], conn) -> None:
     """A spawned process holding one side: replies to ("step", None), ("seq", T), ("stop", None)."""
     try:
         spec = BenchSpec(**spec_dict)
+        if spec.cpu_mem_limit_gb and spec.torch_device.type == "cpu":
+            # Allocations past the limit fail (and are reported as out of memory) instead of the
+            # kernel's OOM killer hitting this or another process of the shared machine.
+            limit = int(spec.cpu_mem_limit_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         if spec.threads:
             torch.set_num_threads(spec.threads)
         device = spec.torch_device
@@ -277,7 +289,7 @@ def _worker(side: str, spec_dict: dict[str, Any], conn) -> None:
         vocab = spec.config().vocab_size
         batch = make_batch(spec, vocab)
         _sync(device)
-        build = {"build_s": time.perf_counter() - t0, **{f"built_{k}": v for k, v in memory_report(device).items()}}
+        build = {"build_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), **{f"built_{k}": v for k, v in memory_report(device).items()}}
         build_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         reset_peak(device)
         conn.send(("ready", build))
@@ -289,19 +301,24 @@ def _worker(side: str, spec_dict: dict[str, Any], conn) -> None:
                     report["peak"] = max(build_peak, report["step_peak"])
                 conn.send(("ok", report))
                 return
-            if cmd == "seq":
-                batch = make_batch(spec, vocab, seq=arg)
             try:
+                if cmd == "seq":
+                    batch = None
+                    reset_peak(device)
+                    batch = make_batch(spec, vocab, seq=arg)
                 _sync(device)
-                t = time.perf_counter()
+                t, cpu = time.perf_counter(), time.process_time()
                 loss = runner.step(batch)
                 _sync(device)
-                conn.send(("ok", {"s": time.perf_counter() - t, "loss": loss,
+                conn.send(("ok", {"s": time.perf_counter() - t, "cpu_s": time.process_time() - cpu, "loss": loss,
                                   "step_peak": memory_report(device)["step_peak"]}))
-            except torch.cuda.OutOfMemoryError as e:
+            except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
+                if not _is_oom(e):
+                    raise
                 runner.optimizer.zero_grad()
-                torch.cuda.empty_cache()
-                conn.send(("oom", str(e).splitlines()[0]))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                conn.send(("oom", str(e).splitlines()[0][:200]))
     except BaseException:  # noqa: BLE001 - the parent reports it
         conn.send(("error", traceback.format_exc()))
 
@@ -314,7 +331,11 @@ class Worker:
         self.proc = ctx.Process(target=_worker, args=(side, dataclasses.asdict(spec), child), daemon=True)
         self.proc.start()
         child.close()
+        self.ready: dict = {}
+
+    def wait_ready(self) -> "Worker":
         self.ready = self._reply("ready")
+        return self
 
     def _reply(self, expect: str = "ok") -> Any:
         try:
@@ -363,10 +384,13 @@ def run_bench(spec: BenchSpec, sides: tuple[str, ...] = SIDES, log: Callable[[st
     load_before = os.getloadavg()
     workers: dict[str, Worker] = {}
     try:
+        log(f"building {' and '.join(sides)} (one process each, in parallel) ...")
         for side in sides:
-            log(f"building {side} ...")
             workers[side] = Worker(side, spec)
+        for w in workers.values():
+            w.wait_ready()
         times: dict[str, list[float]] = {s: [] for s in sides}
+        cpu_times: dict[str, list[float]] = {s: [] for s in sides}
         losses_seen: dict[str, list[float]] = {s: [] for s in sides}
         for rnd in range(spec.warmup + spec.steps):
             for side in (sides if rnd % 2 == 0 else sides[::-1]):
@@ -376,7 +400,8 @@ def run_bench(spec: BenchSpec, sides: tuple[str, ...] = SIDES, log: Callable[[st
                 losses_seen[side].append(r["loss"])
                 if rnd >= spec.warmup:
                     times[side].append(r["s"])
-                log(f"  step {rnd + 1} {side}: {r['s']:.3f} s, loss {r['loss']:.6f}"
+                    cpu_times[side].append(r["cpu_s"])
+                log(f"  step {rnd + 1} {side}: {r['s']:.3f} s ({r['cpu_s']:.3f} s CPU), loss {r['loss']:.6f}"
                     + ("" if rnd >= spec.warmup else " (warm-up)"))
         memory = {side: w.stop() for side, w in workers.items()}
     finally:
@@ -392,10 +417,12 @@ def run_bench(spec: BenchSpec, sides: tuple[str, ...] = SIDES, log: Callable[[st
         med = statistics.median(times[side])
         rows[side] = {"step_s": med, "min_s": min(times[side]), "max_s": max(times[side]), "tok_s": tokens / med,
                       "tflops": flops / med / 1e12, "mfu": flops / med / peak if peak else None,
-                      "losses": losses_seen[side], "times": times[side],
+                      "cpu_s": statistics.median(cpu_times[side]), "losses": losses_seen[side],
+                      "times": times[side], "cpu_times": cpu_times[side],
                       **workers[side].ready, **memory[side]}
     result = {"spec": dataclasses.asdict(spec), "device": _device_name(spec.torch_device),
-              "dtype": str(spec.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
+              "dtype": str(spec.dtype).removeprefix("torch."),
+              "threads": workers[sides[0]].ready["threads"] if workers else torch.get_num_threads(),
               "load": [load_before, os.getloadavg()], "step_flops": flops, "peak_flops": peak,
               "tokens": tokens, "rows": rows}
     if set(sides) == set(SIDES):
@@ -404,6 +431,46 @@ def run_bench(spec: BenchSpec, sides: tuple[str, ...] = SIDES, log: Callable[[st
         result["peak_mem_ratio"] = e["peak"] / h["peak"]
         result["max_loss_diff"] = max(abs(a - b) for a, b in zip(e["losses"], h["losses"]))
     return result
+
+
+def find_max_seq(spec: BenchSpec, side: str, limit: int, log: Callable[[str], None] = print) -> dict:
+    """The longest sequence (batch spec.batch) one training step of `side` fits in memory: double from
+    spec.seq until a step runs out of memory or `limit` is reached, then bisect to 1/8 of the last
+    doubling. One worker process per side, alone on the device. On CPU give cpu_mem_limit_gb."""
+    if spec.torch_device.type == "cpu" and not spec.cpu_mem_limit_gb:
+        raise EngineError("the CPU search needs a memory cap (--cpu-mem-limit-gb): past it the kernel's OOM "
+                          "killer would hit processes of the whole machine", field="--cpu-mem-limit-gb")
+    worker = Worker(side, spec).wait_ready()
+    tried: dict[int, Any] = {}
+
+    def fits(seq: int) -> bool:
+        if worker.proc.is_alive():
+            try:
+                r = worker.ask("seq", seq)
+            except RuntimeError as e:  # died: killed for memory
+                r = {"oom": str(e).splitlines()[0]}
+        else:
+            r = {"oom": "worker gone"}
+        tried[seq] = r
+        log(f"  {side} seq {seq}: " + (f"out of memory ({r['oom']})" if "oom" in r else
+                                       f"ok, {r['s']:.2f} s, step peak {_gib(r.get('step_peak'))} GiB"))
+        return "oom" not in r
+
+    good, bad, seq = 0, None, spec.seq
+    while seq <= limit and fits(seq):
+        good, seq = seq, seq * 2
+    if seq <= limit:
+        bad = seq
+        step = max(1, (bad - good) // 8)
+        while bad - good > step and worker.proc.is_alive():
+            mid = (good + bad) // 2
+            if fits(mid):
+                good = mid
+            else:
+                bad = mid
+    if worker.proc.is_alive():
+        worker.proc.kill()
+    return {"side": side, "max_seq": good, "first_failure": bad, "limit": limit, "tried": tried}
 
 
 def _device_name(device: torch.device) -> str:
@@ -424,13 +491,13 @@ def format_table(result: dict) -> str:
              f"{spec['loss']}, LoRA r={spec['rank']} alpha={spec['alpha']:g} on q/k/v/o, {result['dtype']} on "
              f"{result['device']}, {result['threads']} threads, load {result['load'][0][0]:.2f} -> "
              f"{result['load'][1][0]:.2f}, {spec['steps']} timed steps after {spec['warmup']} warm-up (alternating)"]
-    head = ("side", "tok/s", "step s (median)", "min-max s", "peak GiB", "step-peak GiB", "built GiB",
+    head = ("side", "tok/s", "step s (median)", "min-max s", "CPU s", "peak GiB", "step-peak GiB", "built GiB",
             "TFLOP/s", "MFU", "loss first -> last")
     cells = []
     for side, r in result["rows"].items():
         built = r.get("built_now")
         cells.append((side, f"{r['tok_s']:.1f}", f"{r['step_s']:.3f}", f"{r['min_s']:.3f}-{r['max_s']:.3f}",
-                      _gib(r.get("peak")), _gib(r.get("step_peak")), _gib(built), f"{r['tflops']:.3f}",
+                      f"{r['cpu_s']:.2f}", _gib(r.get("peak")), _gib(r.get("step_peak")), _gib(built), f"{r['tflops']:.3f}",
                       "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
                       f"{r['losses'][0]:.6f} -> {r['losses'][-1]:.6f}"))
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
@@ -439,6 +506,8 @@ def format_table(result: dict) -> str:
     lines.append(f"FLOPs/step {result['step_flops']:.4g}: 4 N_lin per token (frozen base) + 6 per LoRA param per token "
                  "+ 4 V H per scored token (LM head) + causal attention 6 L heads head_dim T(T+1) per row"
                  + (f"; MFU against {result['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16" if result["peak_flops"] else ""))
+    lines.append("CPU s = the worker's CPU time for the step (all its threads; steadier than wall time on a shared "
+                 "machine)")
     lines.append("peak = the process's whole-life peak (CPU: ru_maxrss of its own child process; CUDA: max "
                  "allocated); step-peak = since the model was built")
     if "tok_s_ratio" in result:
@@ -449,3 +518,65 @@ def format_table(result: dict) -> str:
 
 def save_result(result: dict, path: str | os.PathLike) -> None:
     write_json(path, result)
+
+
+# ---- where one engine step's time goes ----------------------------------------------------------
+PHASES = ("forward", "log-prob + loss", "log-prob backward", "backward", "optimizer")
+
+
+def profile_train_step(spec: BenchSpec, top_ops: int = 0,
+                       log: Callable[[str], None] = print) -> dict:
+    """Time one engine training step by phase (wall and CPU time, medians over `reps` after one
+    warm-up; `spec.steps` of them), in this process. With top_ops > 0, also torch.profiler's busiest ops of one more step."""
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+    device = spec.torch_device
+    log("building the engine side ...")
+    runner = EngineRunner(spec)
+    batch = make_batch(spec, spec.config().vocab_size)
+    samples: dict[str, list[tuple[float, float]]] = {p: [] for p in PHASES}
+    for rep in range(spec.steps + 1):
+        _sync(device)
+        clock = [time.perf_counter(), time.process_time()]
+
+        def mark(phase: str, rep: int = rep) -> None:
+            _sync(device)
+            now = [time.perf_counter(), time.process_time()]
+            if rep > 0:
+                samples[phase].append((now[0] - clock[0], now[1] - clock[1]))
+            clock[:] = now
+        runner.phases(batch, mark)
+        log(f"  step {rep + 1}{' (warm-up)' if rep == 0 else ''} done")
+    reset_peak(device)
+    rows = [{"phase": p, "ms": 1e3 * statistics.median(s[0] for s in samples[p]),
+             "cpu_ms": 1e3 * statistics.median(s[1] for s in samples[p])} for p in PHASES]
+    total = sum(r["ms"] for r in rows)
+    for r in rows:
+        r["share"] = r["ms"] / total
+    result = {"spec": dataclasses.asdict(spec), "device": _device_name(device), "threads": torch.get_num_threads(),
+              "load": os.getloadavg(), "phases": rows, "step_ms": total,
+              "tok_s": spec.batch * spec.seq / total * 1e3, "step_flops": step_flops(spec, spec.config())}
+    if top_ops:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            runner.step(batch)
+            _sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        result["ops_table"] = prof.key_averages().table(sort_by=key, row_limit=top_ops, max_name_column_width=48)
+    return result
+
+
+def format_profile(result: dict) -> str:
+    spec = result["spec"]
+    lines = [f"{Path(spec['model_config']).stem}, batch {spec['batch']} x {spec['seq']}, loss {spec['loss']}, "
+             f"{result['device']}, {result['threads']} threads, load {result['load'][0]:.2f}; engine step by phase "
+             f"(median of {spec['steps']} after a warm-up)"]
+    lines.append(f"{'phase':20s} {'ms':>10s} {'CPU ms':>10s} {'share':>7s}")
+    for r in result["phases"]:
+        lines.append(f"{r['phase']:20s} {r['ms']:10.1f} {r['cpu_ms']:10.1f} {r['share']:7.1%}")
+    lines.append(f"{'step':20s} {result['step_ms']:10.1f} {sum(r['cpu_ms'] for r in result['phases']):10.1f}"
+                 f"   {result['tok_s']:.1f} tok/s, {result['step_flops'] / result['step_ms'] / 1e9:.3f} TFLOP/s")
+    if "ops_table" in result:
+        lines.append(result["ops_table"])
+    return "\n".join(lines)

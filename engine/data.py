@@ -32,6 +32,7 @@ class Rollout:
     answer: str | None = None
     source: str | None = None
     finished: bool = True
+    completion_ids: list[int] | None = None   # the sampled ids, when the rollout writer kept them
 
 
 @dataclasses.dataclass
@@ -122,9 +123,14 @@ def _parse_line(raw: str, path: Path, line: int) -> Rollout:
     finished = obj.get("finished", True)
     if not isinstance(finished, bool):
         raise bad("expected true or false", "finished")
+    cids = obj.get("completion_ids")
+    if cids is not None and (not isinstance(cids, list) or not all(
+            isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in cids)):
+        raise bad("expected a list of non-negative token ids", "completion_ids")
     return Rollout(prompt=prompt, completion=completion, reward=float(reward), group=str(group), line=line,
                    behavior_logps=[float(x) for x in blp] if blp is not None else None,
-                   answer=obj.get("answer"), source=obj.get("source"), finished=finished)
+                   answer=obj.get("answer"), source=obj.get("source"), finished=finished,
+                   completion_ids=cids)
 
 
 def read_rollouts(path: str | os.PathLike, on_bad: str = "fail") -> tuple[list[Rollout], Skipped]:
@@ -176,7 +182,17 @@ def tokenize_rollouts(rollouts: Sequence[Rollout], tokenizer: ChatTokenizer, max
             prompt_cache[key] = tokenizer.encode_chat(r.prompt, add_generation_prompt=True,
                                                       enable_thinking=enable_thinking)
         prompt_ids = prompt_cache[key]
-        completion_ids = tokenizer.encode(r.completion) + ([tokenizer.im_end_id] if r.finished else [])
+        # The sampled ids when kept: re-encoding the text can give another (canonical) tokenisation,
+        # which would misalign behavior_logps and score tokens the policy never produced.
+        sampled = r.completion_ids if r.completion_ids is not None else tokenizer.encode(r.completion)
+        completion_ids = sampled + ([tokenizer.im_end_id] if r.finished else [])
+        if max(completion_ids, default=0) >= tokenizer.vocab_size:
+            bad_id = EngineError(f"token id {max(completion_ids)} outside the tokenizer's vocabulary "
+                                 f"({tokenizer.vocab_size})", path=path, line=r.line, field="completion_ids")
+            if on_bad == "fail":
+                raise bad_id
+            skipped.add(bad_id)
+            continue
         try:
             if len(prompt_ids) + len(completion_ids) > max_len:
                 raise EngineError(f"prompt + completion is {len(prompt_ids) + len(completion_ids)} tokens, "

@@ -31,6 +31,7 @@ shards to its GPU (host RAM ~ ranks x model size while loading).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import json
@@ -43,6 +44,16 @@ import torch.distributed as dist
 from .errors import EngineError, TrainingDiverged
 
 T = TypeVar("T")
+
+# Python references to the tensors of the last collectives. A gloo worker thread that drops the last
+# reference to a Python-visible tensor must take the GIL; at interpreter exit it cannot, and the
+# process dies with SIGABRT ("terminate called without an active exception"). Holding the recent
+# ones here means the gloo side never holds the last reference.
+_RECENT: collections.deque = collections.deque(maxlen=64)
+
+
+def _keep(*tensors: torch.Tensor) -> None:
+    _RECENT.extend(tensors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +92,10 @@ def setup(device: str | None = None) -> DistContext:
 
 
 def shutdown() -> None:
+    """Leave the process group together (a barrier first, so no rank tears down its connections
+    while another still uses them)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -121,6 +135,7 @@ def all_reduce_sum(ctx: DistContext, values: Sequence[float]) -> list[float]:
     if not ctx.enabled:
         return [float(v) for v in values]
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=ctx.device)
+    _keep(t)
     dist.all_reduce(t)
     return t.tolist()
 
@@ -130,6 +145,7 @@ def all_reduce_tensor_(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     if not ctx.enabled:
         return tensor
     buf = tensor if tensor.device == ctx.device else tensor.to(ctx.device)
+    _keep(buf)
     dist.all_reduce(buf)
     if buf is not tensor:
         tensor.copy_(buf)
@@ -142,6 +158,7 @@ def all_reduce_gradients(ctx: DistContext, optimizer) -> None:
     if not ctx.enabled:
         return
     optimizer._adopt_grads()  # grads re-attached as views of the flat buffers (see engine.optim)
+    _keep(*(b.flat_grad for b in optimizer._buckets))
     works = [dist.all_reduce(b.flat_grad, async_op=True) for b in optimizer._buckets]
     for w in works:
         w.wait()
@@ -153,6 +170,7 @@ def broadcast_tensors_(ctx: DistContext, tensors: Sequence[torch.Tensor], src: i
         return
     for t in tensors:
         buf = t.data if t.device == ctx.device else t.data.to(ctx.device)
+        _keep(buf)
         dist.broadcast(buf, src)
         if buf is not t.data:
             t.data.copy_(buf)
@@ -176,6 +194,7 @@ def gather_json(ctx: DistContext, obj: Any) -> list[Any]:
     padded = torch.zeros(longest, dtype=torch.uint8, device=ctx.device)
     padded[:data.numel()] = data
     chunks = [torch.empty(longest, dtype=torch.uint8, device=ctx.device) for _ in range(ctx.world_size)]
+    _keep(data, sizes, padded, *chunks)
     dist.all_gather(chunks, padded)
     return [json.loads(c[:int(n)].cpu().numpy().tobytes().decode()) for c, n in zip(chunks, sizes.tolist())]
 

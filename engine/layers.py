@@ -1,4 +1,10 @@
-"""Small Qwen3 building blocks: RMSNorm, rotary embedding, SwiGLU MLP."""
+"""Small Qwen3 building blocks: RMSNorm, rotary embedding, SwiGLU MLP.
+
+The norm, the q/k norm + RoPE and the SwiGLU product are `autograd.Function`s with hand-written
+backwards: each is a few whole-tensor passes instead of the dozen small ops (and saved temporaries)
+that autograd records for the composite formula, which is what the step spends outside the matrix
+products on CPU. All math is float32 whatever the input dtype, with one rounding at the output.
+"""
 from __future__ import annotations
 
 import torch
@@ -6,14 +12,43 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _rstd(x32: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last dim, keepdim; one reduction pass, no x^2 temporary."""
+    return torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x32.shape[-1]).add_(eps).rsqrt_()
+
+
+def _norm_backward(dn: torch.Tensor, x32: torch.Tensor, rstd: torch.Tensor, w32: torch.Tensor,
+                   want_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Given dL/dn for n = xhat * w (xhat = x * rstd): dx = rstd (dn w - xhat mean(dn w xhat)), and dw
+    summed over every leading dim. `dn` is float32 (left unchanged: it may be autograd's shared grad)."""
+    xhat = x32 * rstd
+    dw = (dn * xhat).flatten(0, -2).sum(0) if want_weight else None
+    dnw = dn * w32
+    proj = (dnw * xhat).sum(-1, keepdim=True).div_(x32.shape[-1])
+    return dnw.sub_(xhat.mul_(proj)).mul_(rstd), dw
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.float()
+        rstd = _rstd(x32, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd).mul_(weight.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _norm_backward(grad.float(), x.float(), rstd, weight.float(), ctx.needs_input_grad[1])
+        return dx.to(x.dtype), (dw.to(weight.dtype) if dw is not None else None), None
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in float32; the weight multiplies (no 1 + w).
 
     x [..., D], weight [D] -> [..., D] in x's dtype.
     """
-    x32 = x.float()
-    y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight.float() * y).to(x.dtype)
+    return _RMSNorm.apply(x, weight, eps)
 
 
 class RMSNorm(nn.Module):
@@ -41,7 +76,7 @@ class RotaryEmbedding:
         return self._inv_freq[device]
 
     def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids [B, T] -> cos, sin [B, T, head_dim] in `dtype`."""
+        """position_ids [B, T] -> cos, sin [B, T, head_dim] in `dtype` (each half repeats the other)."""
         freqs = position_ids.float()[..., None] * self.inv_freq(position_ids.device)
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -58,6 +93,69 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+def _rotate(x: torch.Tensor, c: torch.Tensor, s: torch.Tensor, sign: float) -> torch.Tensor:
+    """[x1 c - sign x2 s, x2 c + sign x1 s] with c, s the half tables [B, T, 1, D/2]: RoPE for sign 1,
+    its transpose (the backward) for sign -1. Two fused passes per half, no rotate_half copy."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.mul(x1, c, out=out[..., :half]).addcmul_(x2, s, value=-sign)
+    torch.mul(x2, c, out=out[..., half:]).addcmul_(x1, s, value=sign)
+    return out
+
+
+class _NormRope(torch.autograd.Function):
+    """rope(rmsnorm(x) * w) for one of q / k."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                eps: float) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        c, s = cos[..., :half].float().unsqueeze(2), sin[..., :half].float().unsqueeze(2)
+        x32 = x.float()
+        rstd = _rstd(x32, eps)
+        n = (x32 * rstd).mul_(weight.float())
+        ctx.save_for_backward(x, weight, rstd, c, s)
+        return _rotate(n, c, s, 1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd, c, s = ctx.saved_tensors
+        dn = _rotate(grad.float(), c, s, -1.0)
+        dx, dw = _norm_backward(dn, x.float(), rstd, weight.float(), ctx.needs_input_grad[1])
+        return dx.to(x.dtype), (dw.to(weight.dtype) if dw is not None else None), None, None, None
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              eps: float) -> torch.Tensor:
+    """Qwen3's per-head RMSNorm then RoPE: x [B, T, H, D], weight [D], cos/sin [B, T, D] as
+    `RotaryEmbedding.cos_sin` makes them (second half equal to the first) -> [B, T, H, D] in x's dtype.
+    Equals apply_rope(rms_norm(x, weight, eps), cos, sin) computed in float32."""
+    return _NormRope.apply(x, weight, cos, sin, eps)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up, saving only gate and up (silu is recomputed in the backward: one cheap pass
+    instead of keeping a third [tokens, intermediate] tensor per layer)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate).mul_(up)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        d_up = F.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
+        d_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        return d_gate, d_up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, same shapes and dtype."""
+    return _SwiGLU.apply(gate, up)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -68,4 +166,60 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class _LoRAProjections(torch.autograd.Function):
+    """Several LoRA linears sharing one input: y_s = x W_s^T + scale (x A_s^T) B_s^T, s = 1..K.
+
+    The A's are stacked so x A_cat^T is one GEMM; each y_s is its base GEMM with the low-rank term
+    added in place (addmm_). Backward: dx = sum_s dy_s W_s + scale [dy_1 B_1 | ...] A_cat accumulates
+    in one buffer (addmm_), dA_cat = scale (dy B)^T x is one GEMM, dB_s = scale dy_s^T xa_s.
+    Compute dtype is x's; dA, dB come back in the adapters' dtypes. W's are frozen.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float, count: int, *tensors: torch.Tensor):
+        weights, lora_as, lora_bs = tensors[:count], tensors[count:2 * count], tensors[2 * count:]
+        dtype, r = x.dtype, lora_as[0].shape[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        a_cat = torch.cat([a.to(dtype) for a in lora_as]) if count > 1 else lora_as[0].to(dtype)
+        bs = [b.to(dtype) for b in lora_bs]
+        xa = torch.mm(x2, a_cat.t())
+        outs = []
+        for s, (w, b) in enumerate(zip(weights, bs)):
+            y = torch.mm(x2, w.to(dtype).t()).addmm_(xa[:, s * r:(s + 1) * r], b.t(), alpha=scale)
+            outs.append(y.view(*x.shape[:-1], w.shape[0]))
+        ctx.save_for_backward(x2, xa, a_cat, *weights, *bs)
+        ctx.scale, ctx.count, ctx.r, ctx.x_shape = scale, count, r, x.shape
+        ctx.param_dtypes = [t.dtype for t in tensors]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):
+        x2, xa, a_cat, *rest = ctx.saved_tensors
+        count, r, scale = ctx.count, ctx.r, ctx.scale
+        weights, bs = rest[:count], rest[count:]
+        dys = [torch.zeros(x2.shape[0], w.shape[0], dtype=x2.dtype, device=x2.device) if g is None
+               else g.reshape(-1, w.shape[0]).to(x2.dtype) for g, w in zip(grads, weights)]
+        dyb = torch.cat([torch.mm(dy, b) for dy, b in zip(dys, bs)], 1) if count > 1 else torch.mm(dys[0], bs[0])
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.mm(dys[0], weights[0].to(x2.dtype))
+            for dy, w in zip(dys[1:], weights[1:]):
+                dx.addmm_(dy, w.to(x2.dtype))
+            dx = dx.addmm_(dyb, a_cat, alpha=scale).view(ctx.x_shape)
+        da_cat = torch.mm(dyb.t(), x2).mul_(scale)
+        das = [da_cat[s * r:(s + 1) * r] for s in range(count)]
+        dbs = [torch.mm(dy.t(), xa[:, s * r:(s + 1) * r]).mul_(scale) for s, dy in enumerate(dys)]
+        dtypes = ctx.param_dtypes
+        grads_out = [None] * count + [d.to(dtypes[count + i]) for i, d in enumerate(das)] + \
+            [d.to(dtypes[2 * count + i]) for i, d in enumerate(dbs)]
+        return (dx, None, None, *grads_out)
+
+
+def lora_projections(x: torch.Tensor, weights: tuple[torch.Tensor, ...], lora_as: tuple[torch.Tensor, ...],
+                     lora_bs: tuple[torch.Tensor, ...], scale: float) -> tuple[torch.Tensor, ...]:
+    """x [..., in] -> K outputs [..., out_s] = x W_s^T + scale (x A_s^T) B_s^T; weights frozen [out_s, in],
+    lora_as [r, in] (one shared r), lora_bs [out_s, r]. Gradients for x and every A, B."""
+    return _LoRAProjections.apply(x, float(scale), len(weights), *weights, *lora_as, *lora_bs)

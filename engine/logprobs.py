@@ -17,11 +17,14 @@ from triton_kernels.linear_logprob import linear_logprob
 
 from .errors import EngineError
 
-# The torch training path walks the vocabulary in blocks of VOCAB_BLOCK head rows (16 MiB of float32
-# weight at H = 1024, so a block stays in cache between its two GEMMs) for up to ROW_CHUNK token rows
-# at a time: every GEMM keeps all the chunk's rows (efficient shapes) and no [rows, V] logits exist.
-VOCAB_BLOCK = 4096
-ROW_CHUNK = 2048
+# The torch training path walks the vocabulary in blocks, all of a chunk's token rows at once (every
+# GEMM keeps the full row count: efficient shapes), with one [rows, block] float32 logits buffer of at
+# most this many bytes. Fewer, larger blocks mean fewer ops (each op is a parallel region: on a
+# loaded CPU each costs a scheduling delay); lean mode (activation checkpointing on) trades them for
+# memory. The 0.6B head at 384 scored rows is one block in the default budget.
+HEAD_BUFFER_BYTES = 256 * 2**20
+LEAN_HEAD_BUFFER_BYTES = 32 * 2**20
+MIN_VOCAB_BLOCK = 4096
 
 
 def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -52,14 +55,17 @@ def hidden_logprobs(model, hidden: torch.Tensor, input_ids: torch.Tensor,
         # Full-parameter training (the embedded base model, small vocabulary): the head learns too.
         picked = F.log_softmax(F.linear(h, weight).float(), -1).gather(-1, targets[:, None])[:, 0]
     else:
-        picked = head_logprob(h, weight, targets)
+        lean = getattr(model, "gradient_checkpointing", False)
+        picked = head_logprob(h, weight, targets, LEAN_HEAD_BUFFER_BYTES if lean else HEAD_BUFFER_BYTES)
     out = torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
     return out.index_put((rows, cols), picked.float())
 
 
-def head_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def head_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 buffer_bytes: int = HEAD_BUFFER_BYTES) -> torch.Tensor:
     """log softmax(hidden W^T)[targets], float32 [N]; hidden [N, H], weight [V, H] frozen, targets [N].
-    Differentiable in hidden; see the module docstring for which path runs."""
+    Differentiable in hidden; see the module docstring for which path runs. `buffer_bytes` bounds the
+    torch training path's logits buffer."""
     needs_grad = torch.is_grad_enabled() and hidden.requires_grad
     if not needs_grad or hidden.dtype != torch.float32 or dispatch.use_triton(hidden, weight, targets):
         return linear_logprob(hidden, weight, targets)
@@ -68,34 +74,42 @@ def head_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         if low < 0 or high >= weight.shape[0]:
             raise EngineError(f"token ids must lie in [0, {weight.shape[0]}) (the model's vocabulary); got "
                               f"{low}..{high}", field="targets")
-    return _HeadLogprobWithJacobian.apply(hidden, weight, targets)
+    N, V = hidden.shape[0], weight.shape[0]
+    elems = max(buffer_bytes // 4, MIN_VOCAB_BLOCK)
+    block = min(V, max(MIN_VOCAB_BLOCK, elems // max(N, 1)))
+    rows = max(1, min(N, elems // block))
+    return _HeadLogprobWithJacobian.apply(hidden, weight, targets, rows, block)
 
 
 class _HeadLogprobWithJacobian(torch.autograd.Function):
-    """float32 torch path. Per chunk of rows, an online log-sum-exp over vocabulary blocks W_b:
-    z = h W_b^T; m' = max(m, max z); s = s e^(m - m') + sum e^(z - m'); acc = acc e^(m - m') + e^(z - m') W_b.
-    Then lse = m + log s, logp = h . W[t] - lse and J = W[t] - acc / s (= W[t] - softmax W).
-    Backward: grad_h = g[:, None] * J."""
+    """float32 torch path. Per chunk of `rows` token rows, an online log-sum-exp over vocabulary blocks
+    W_b of `block` rows: z = h W_b^T; m' = max(m, max z); s = s e^(m - m') + sum e^(z - m');
+    acc = acc e^(m - m') + e^(z - m') W_b. Then lse = m + log s, logp = h . W[t] - lse and
+    J = W[t] - acc / s (= W[t] - softmax W). Backward: grad_h = g[:, None] * J."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, block: int):
         N, V = hidden.shape[0], weight.shape[0]
         w_target = weight[targets]                                  # [N, H]
         logp = (hidden * w_target).sum(1)                           # target logits, then - lse
-        jac = torch.zeros_like(hidden)                              # acc, then J
-        rows = min(N, ROW_CHUNK)
-        buf = hidden.new_empty(rows * min(V, VOCAB_BLOCK))
+        jac = torch.empty_like(hidden)                              # acc, then J
+        buf = hidden.new_empty(min(rows, N) * min(block, V))
         for r0 in range(0, N, rows):
             h, acc = hidden[r0:r0 + rows], jac[r0:r0 + rows]
-            m = h.new_full((h.shape[0],), float("-inf"))
-            s = h.new_zeros(h.shape[0])
-            for v0 in range(0, V, VOCAB_BLOCK):
-                w = weight[v0:v0 + VOCAB_BLOCK]
-                z = torch.mm(h, w.t(), out=buf[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0]))
+            n = h.shape[0]
+            for v0 in range(0, V, block):
+                w = weight[v0:v0 + block]
+                z = torch.mm(h, w.t(), out=buf[: n * w.shape[0]].view(n, w.shape[0]))
+                if v0 == 0:
+                    m = z.amax(1)
+                    e = z.sub_(m[:, None]).exp_()
+                    s = e.sum(1)
+                    torch.mm(e, w, out=acc)
+                    continue
                 m_new = torch.maximum(m, z.amax(1))
                 rescale = (m - m_new).exp_()
                 e = z.sub_(m_new[:, None]).exp_()
-                s.mul_(rescale).add_(e.sum(1))
+                s = s.mul_(rescale).add_(e.sum(1))
                 acc.mul_(rescale[:, None]).addmm_(e, w)
                 m = m_new
             logp[r0:r0 + rows] -= m + s.log()
@@ -107,4 +121,4 @@ class _HeadLogprobWithJacobian(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logp: torch.Tensor):
         (jac,) = ctx.saved_tensors
-        return jac * grad_logp[:, None], None, None
+        return jac * grad_logp[:, None], None, None, None, None

@@ -21,10 +21,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from triton_kernels import dispatch
 from triton_kernels.lora_linear import lora_linear
 
 from .errors import EngineError
 from .fsio import atomic_dir
+from .layers import lora_projections
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR_TARGETS = ATTENTION_TARGETS + ("gate_proj", "up_proj", "down_proj")
@@ -77,7 +79,10 @@ class LoRALinear(nn.Module):
         if self.dropout > 0 and self.training:
             return F.linear(x, self.weight) + self.scale * F.linear(
                 F.linear(F.dropout(x, self.dropout, True), a), b)
-        return lora_linear(x, self.weight, a, b, self.scale)
+        if dispatch.use_triton(x, self.weight, a, b):
+            return lora_linear(x, self.weight, a, b, self.scale)
+        # torch path: base GEMM with the low-rank term added in place, one accumulating dx buffer
+        return lora_projections(x, (self.weight,), (self.lora_A,), (self.lora_B,), self.scale)[0]
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A, [out, in] in float32."""

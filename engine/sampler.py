@@ -11,15 +11,20 @@ Sampling. The filtered distribution is `softmax(logits / temperature)` restricte
 (k > 0), then to the nucleus (the smallest set of most likely tokens whose mass reaches top_p; the same
 set as transformers' TopKLogitsWarper/TopPLogitsWarper, applied in that order) and renormalised. A token is
 drawn by inverse CDF in vocabulary order: the smallest id whose cumulative filtered probability exceeds
-u * (total), u ~ U[0, 1). Every sequence owns a stream of uniforms from its own `torch.Generator` seed,
-so a sequence's sample does not depend on the batch it ran in, the batch size, or its neighbours;
-resuming an interrupted run reproduces the same samples. temperature == 0 is greedy (argmax).
+u * (total), u ~ U[0, 1). Sequence i's step t uses u = torch.rand(max_new_tokens,
+generator=torch.Generator().manual_seed(seed_i))[t], so a sequence's sample does not depend on the batch
+it ran in, the batch size, or its neighbours, and resuming an interrupted run reproduces the same samples.
+temperature == 0 is greedy (argmax of the logits, as transformers).
 
 `behavior_logps`: for every generated token y_t (the stop token included), log_softmax(z_t)[y_t] where z_t
 are the model's RAW logits at that step, i.e. the log-probability under the model at temperature 1, not
 under the temperature/top-k/top-p distribution actually sampled from. This is what a trainer's policy
 log-probs compute, so the importance ratio exp(logp - behavior_logp) of offline GRPO is exactly 1 for
-the unchanged policy. Computed in float32 from the (possibly bf16) logits.
+the unchanged policy. Computed in float32 from the (possibly bf16) logits, as the log of the float32
+softmax (the same numbers as float32 log_softmax; exact logsumexp for probabilities below 1e-30).
+
+Limits: generation stops at max_new_tokens or where the context (max_position_embeddings) is full, the
+longest prompt of the batch setting that limit for every row.
 """
 from __future__ import annotations
 
@@ -86,6 +91,7 @@ def check_context(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                               f"(max_position_embeddings) is {ctx}", field="prompt")
 
 
+DROP_FINISHED_FRACTION = 0.25  # drop finished rows from the batch once they are this share of it
 NUCLEUS_CANDIDATES = 256  # top-p looks for the nucleus among this many top tokens first (no full sort)
 
 
@@ -247,9 +253,9 @@ def _generate_batch(model: torch.nn.Module, prompts: list[Sequence[int]], params
             n_live = int(live.sum())
             if n_live == 0:
                 break
-            # Drop finished rows once they are a quarter of the batch: copying the cache costs about
-            # a decode step, so dropping every single row as it finishes would cost more than it saves.
-            if 4 * (len(live) - n_live) >= len(live):
+            # Copying the cache costs about a decode step, so dropping every row the moment it
+            # finishes would cost more than it saves: wait until a share of the batch is done.
+            if len(live) - n_live >= DROP_FINISHED_FRACTION * len(live):
                 keep = live.nonzero().squeeze(1)
                 active, tokens, positions = active[keep], tokens[keep], positions[keep]
                 mask, live = mask[keep], live[keep]

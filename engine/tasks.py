@@ -207,6 +207,8 @@ PROMPT_STYLES: dict[str, str] = {
     # The Qwen math-eval suffix (the AIME source files carried exactly this line).
     "boxed": "Please reason step by step, and put your final answer within \\boxed{}.",
     "gsm8k": "Please reason step by step, and write your final answer on the last line as '#### <answer>'.",
+    # The bare question (answer as `#### n`): the embedded tiny model's format, learned from its data.
+    "plain": "",
 }
 
 
@@ -219,7 +221,8 @@ def _check_style(style: str) -> None:
 def build_prompt(item: TaskItem, style: str = "boxed") -> list[dict[str, str]]:
     """Chat messages (one user turn) asking for step-by-step reasoning and the answer in `style`."""
     _check_style(style)
-    return [{"role": "user", "content": f"{item.question}\n{PROMPT_STYLES[style]}"}]
+    suffix = PROMPT_STYLES[style]
+    return [{"role": "user", "content": f"{item.question}\n{suffix}" if suffix else item.question}]
 
 
 def answer_text(item: TaskItem, style: str = "boxed") -> str:

@@ -9,6 +9,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The suite is many small models: one intra-op thread per process avoids OpenMP oversubscription, and
+# `make test` runs two pytest workers (pytest-xdist) to use both cores of a CI machine.
+torch.set_num_threads(int(os.environ.get("ENGINE_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)

@@ -57,7 +57,7 @@ def runs(tmp_path_factory):
         model = "{model}"
         rollouts = "{rollouts}"
         steps = {STEPS}
-        lr = 2e-2
+        lr = 5e-3
         batch_size = 16
         micro_batch_size = 4
         lora_r = 4

@@ -140,9 +140,17 @@ def test_rollout_rewards_and_stop_token(setup, tmp_path, monkeypatch):
         assert all(r["completion"].endswith("}.") and "<|im_end|>" not in r["completion"] for r in rs)
 
 
-def test_rollout_resume_and_torn_tail(setup, tmp_path):
-    full = tmp_path / "full.jsonl"
+@pytest.fixture(scope="module")
+def full_rollout(setup, tmp_path_factory):
+    """An uninterrupted rollout of all 5 items (K = 2); tests copy it, never change it."""
+    full = tmp_path_factory.mktemp("full") / "full.jsonl"
     assert _rollout(setup, full).exit_code == 0
+    return full
+
+
+def test_rollout_resume_and_torn_tail(setup, full_rollout, tmp_path):
+    full = tmp_path / "full.jsonl"
+    shutil.copy(full_rollout, full)
     _, want = _by_group(full)
     # An interrupted run: 2 groups, then extend to all 5 with --limit dropped.
     part = tmp_path / "part.jsonl"
@@ -167,10 +175,9 @@ def test_rollout_resume_and_torn_tail(setup, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["middle", "k", "task"])
-def test_rollout_refuses_damaged_or_foreign_files(setup, tmp_path, damage):
+def test_rollout_refuses_damaged_or_foreign_files(setup, full_rollout, tmp_path, damage):
     out = tmp_path / "r.jsonl"
-    assert _rollout(setup, out, "--limit", 3).exit_code == 0
-    lines = out.read_text().splitlines(keepends=True)
+    lines = full_rollout.read_text().splitlines(keepends=True)
     if damage == "middle":
         lines[1] = "{not json\n"
     elif damage == "task":

@@ -1,0 +1,96 @@
+"""The hand-written training fast paths equal float64 references, values and gradients, on fresh
+random inputs with odd shapes: RMSNorm, q/k norm + RoPE, SwiGLU, fused LoRA projections and the LM-head log-prob with its Jacobian formed in the forward."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import layers, logprobs
+from engine.errors import EngineError
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().double() - b.detach()).norm() / b.detach().norm().clamp_min(1e-300))
+
+
+def _check(fn, ref_fn, inputs, grad_idx, tol):
+    """fn(*inputs) vs ref_fn(*float64 inputs): outputs and the gradients w.r.t. inputs[grad_idx]."""
+    ins = [t.detach().clone().requires_grad_(i in grad_idx) if t.is_floating_point() else t
+           for i, t in enumerate(inputs)]
+    ref_ins = [t.detach().double().requires_grad_(i in grad_idx) if t.is_floating_point() else t
+               for i, t in enumerate(inputs)]
+    out, ref = fn(*ins), ref_fn(*ref_ins)
+    outs, refs = (out, ref) if isinstance(out, tuple) else ((out,), (ref,))
+    grads = [torch.randn(o.shape, dtype=torch.float64) for o in refs]
+    got = torch.autograd.grad(outs, [ins[i] for i in grad_idx], [g.to(o.dtype) for g, o in zip(grads, outs)])
+    want = torch.autograd.grad(refs, [ref_ins[i] for i in grad_idx], grads)
+    for o, r in zip(outs, refs):
+        assert o.dtype == inputs[0].dtype and _rel(o, r) < tol
+    for g, w in zip(got, want):
+        assert _rel(g, w) < tol, (_rel(g, w), tol)
+
+
+def _ref_norm(x, w, eps=1e-6):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_rms_norm_and_norm_rope(dtype, tol):
+    B, T, H, D = 2, 7, 3, 18
+    x = torch.randn(B, T, H, D).to(dtype)
+    w = 1 + 0.3 * torch.randn(D)
+    cos, sin = layers.RotaryEmbedding(D, 1e4).cos_sin(torch.randint(0, 99, (B, T)), dtype)
+    _check(lambda x, w: layers.rms_norm(x, w, 1e-6), _ref_norm, [x, w], (0, 1), tol)
+
+    def ref(x, w):
+        return layers.apply_rope(_ref_norm(x, w), cos.double(), sin.double())
+    _check(lambda x, w: layers.norm_rope(x, w, cos, sin, 1e-6), ref, [x, w], (0, 1), tol)
+
+
+def test_norm_backward_leaves_the_incoming_grad_alone():
+    x = torch.randn(5, 8, requires_grad=True)
+    g = torch.randn(5, 8)
+    g_copy = g.clone()
+    layers.rms_norm(x, torch.randn(8), 1e-6).backward(g)
+    assert torch.equal(g, g_copy)
+
+
+def test_swiglu():
+    gate, up = torch.randn(3, 11), torch.randn(3, 11)
+    _check(layers.swiglu, lambda g, u: F.silu(g) * u, [gate, up], (0, 1), 1e-5)
+
+
+@pytest.mark.parametrize("outs", [(13,), (10, 6, 6)])
+def test_lora_projections(outs):
+    r, d_in = 3, 9
+    x = torch.randn(2, 5, d_in)
+    ws = [torch.randn(o, d_in) for o in outs]
+    As = [torch.randn(r, d_in) for _ in outs]
+    Bs = [torch.randn(o, r) for o in outs]
+    K = len(outs)
+
+    def fn(x, *p):
+        return layers.lora_projections(x, tuple(ws), p[:K], p[K:], 1.7)
+
+    def ref(x, *p):
+        return tuple(x @ w.double().t() + 1.7 * (x @ a.t()) @ b.t() for w, a, b in zip(ws, p[:K], p[K:]))
+    _check(fn, ref, [x, *As, *Bs], tuple(range(1 + 2 * K)), 1e-5)
+
+
+@pytest.mark.parametrize("N,V,H,buffer", [(7, 1000, 24, 2**20), (37, 9000, 16, 4 * 4096 * 5), (3, 4097, 8, 4)])
+def test_head_logprob_with_jacobian(N, V, H, buffer):
+    """One vocabulary block; several blocks and row chunks (online rescaling); a ragged last block."""
+    W = 0.5 * torch.randn(V, H)
+    W[-1] += 3.0  # a large logit in the last block: the running max must be rescaled
+    h = torch.randn(N, H)
+    t = torch.randint(0, V, (N,))
+    t[0] = V - 1
+
+    def ref(h):
+        return torch.log_softmax(h @ W.double().t(), -1).gather(1, t[:, None])[:, 0]
+    _check(lambda h: logprobs.head_logprob(h, W, t, buffer), ref, [h], (0,), 1e-5)
+
+
+def test_head_logprob_rejects_bad_ids():
+    h = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(EngineError):
+        logprobs.head_logprob(h, torch.randn(10, 4), torch.tensor([1, 10, 2]))
