@@ -89,6 +89,10 @@ def train(loss, preset, config_path, resume, quiet, **flags) -> None:
                 click.echo(f"{name}: adapter written to {final}")
     finally:
         distributed.shutdown()
+    _exit_if_distributed()
+
+
+def _exit_if_distributed() -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # Every file is written and the process group is gone, but torch's gloo worker threads can
         # outlive it and abort the interpreter's teardown (SIGABRT, ~1 run in 10): end here.
@@ -242,19 +246,23 @@ def _bench_spec(model_config, **flags):
 @click.option("--max-seq", type=int, default=None,
               help="Instead of timing: find the longest --seq each side trains, doubling up to this.")
 @click.option("--cpu-mem-limit-gb", type=float, default=None, help="Memory cap per CPU worker (--max-seq).")
-def bench(json_path, max_seq, **flags) -> None:
+@click.option("--sides", type=click.Choice(["both", "engine", "hf"]), default="both", show_default=True,
+              help="Time one side alone (e.g. the engine's SFT vs DPO vs GRPO step cost).")
+def bench(json_path, max_seq, sides, **flags) -> None:
     """Training step, this engine vs transformers + PEFT side by side: tokens/s, step time, peak memory, MFU."""
     from engine.bench import SIDES, find_max_seq, format_table, run_bench, save_result
     spec = _bench_spec(**flags)
+    chosen = SIDES if sides == "both" else (sides,)
     if max_seq is not None:
-        found = {side: find_max_seq(spec, side, max_seq, log=click.echo) for side in SIDES}
+        found = {side: find_max_seq(spec, side, max_seq, log=click.echo) for side in chosen}
         result = {"spec": flags, "max_seq": found}
         for side, r in found.items():
             click.echo(f"{side}: longest sequence that trains (batch {spec.batch}): {r['max_seq']}"
                        + (f" (first failure {r['first_failure']})" if r["first_failure"] else f" (limit {max_seq})"))
-        click.echo(f"engine/hf max_seq ratio={found['engine']['max_seq'] / max(found['hf']['max_seq'], 1):.3f}")
+        if sides == "both":
+            click.echo(f"engine/hf max_seq ratio={found['engine']['max_seq'] / max(found['hf']['max_seq'], 1):.3f}")
     else:
-        result = run_bench(spec, log=click.echo)
+        result = run_bench(spec, chosen, log=click.echo)
         click.echo(format_table(result))
     if json_path:
         save_result(result, json_path)

@@ -57,14 +57,17 @@ def _weight_files(model_dir: Path) -> list[Path]:
     single = model_dir / "model.safetensors"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise EngineError(f"bad shard index ({type(e).__name__}: {e})", path=index) from None
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        except (ValueError, RecursionError, KeyError, TypeError) as e:  # ValueError: JSON, UTF-8, digits
+            raise EngineError(f"bad shard index ({type(e).__name__}: {str(e)[:80]})", path=index) from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) and v for v in weight_map.values()):
+            raise EngineError("expected an object of tensor name -> shard file name", path=index, field="weight_map")
         files = []
         for name in dict.fromkeys(weight_map.values()):
-            f = (model_dir / name).resolve()
-            if model_dir.resolve() not in f.parents:
+            # Checked on the name, not the resolved path: hub caches make shards symlinks into ../../blobs.
+            if Path(name).is_absolute() or ".." in Path(name).parts or "\x00" in name:
                 raise EngineError(f"shard {name!r} escapes the model directory", path=index, field="weight_map")
+            f = model_dir / name
             if not f.is_file():
                 raise EngineError(f"shard listed in the index is missing: {name}", path=index)
             files.append(f)

@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save as save_safetensors
 from tqdm import tqdm
 
 from .checkpoint import resolve_model_dir, write_model_files
 from .errors import EngineError
 from .fsio import atomic_dir, atomic_file
-from .lora import adapter_config_dict, load_adapter, lora_modules, read_adapter_config, write_adapter_files
+from .lora import adapter_config_dict, load_adapter, read_adapter_config, write_adapter_files
 from .train_config import TrainConfig
 
 MANIFEST = "manifest.json"

@@ -168,10 +168,11 @@ def read_rollouts(path: str | os.PathLike, on_bad: str = "fail") -> tuple[list[R
 
 def tokenize_rollouts(rollouts: Sequence[Rollout], tokenizer: ChatTokenizer, max_len: int, path: str = "",
                       on_bad: str = "fail", enable_thinking: bool | None = None,
-                      skipped: Skipped | None = None) -> list[Example]:
+                      skipped: Skipped | None = None, vocab_size: int | None = None) -> list[Example]:
     """Chat-template each prompt, append the completion ids and `<|im_end|>` (when finished).
 
-    The completion mask runs from the first assistant token through `<|im_end|>`."""
+    The completion mask runs from the first assistant token through `<|im_end|>`. Sampled
+    `completion_ids` are checked against `vocab_size` (the model's; it may exceed the tokenizer's)."""
     skipped = skipped if skipped is not None else Skipped()
     group_ids: dict[str, int] = {}
     prompt_cache: dict[str, list[int]] = {}
@@ -186,9 +187,10 @@ def tokenize_rollouts(rollouts: Sequence[Rollout], tokenizer: ChatTokenizer, max
         # which would misalign behavior_logps and score tokens the policy never produced.
         sampled = r.completion_ids if r.completion_ids is not None else tokenizer.encode(r.completion)
         completion_ids = sampled + ([tokenizer.im_end_id] if r.finished else [])
-        if max(completion_ids, default=0) >= tokenizer.vocab_size:
-            bad_id = EngineError(f"token id {max(completion_ids)} outside the tokenizer's vocabulary "
-                                 f"({tokenizer.vocab_size})", path=path, line=r.line, field="completion_ids")
+        if max(completion_ids, default=0) >= (vocab_size or tokenizer.vocab_size):
+            bad_id = EngineError(f"token id {max(completion_ids)} outside the vocabulary "
+                                 f"({vocab_size or tokenizer.vocab_size})", path=path, line=r.line,
+                                 field="completion_ids")
             if on_bad == "fail":
                 raise bad_id
             skipped.add(bad_id)

@@ -71,6 +71,7 @@ def build(out: str | Path = REPO_ROOT / "embedded", *, seed: int = 0, pretrain_s
     for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         shutil.copyfile(final / f, base / f)
     shutil.copyfile(work / "base" / "generation_config.json", base / "generation_config.json")
+    shutil.copyfile(work / "sft_train.jsonl", out / "sft_train.jsonl")  # the pretraining data, for audit
     pretrain_s = time.perf_counter() - t0
     acc = run_eval(str(base), task="synthetic", split="test", out=str(work / "eval"), max_new_tokens=160,
                    batch_size=64, style="plain", echo=echo)

@@ -1,15 +1,36 @@
-"""Small Qwen3 building blocks: RMSNorm, rotary embedding, SwiGLU MLP.
+"""Small Qwen3 building blocks: RMSNorm, rotary embedding, SwiGLU MLP, fused LoRA projections.
 
 The norm, the q/k norm + RoPE and the SwiGLU product are `autograd.Function`s with hand-written
 backwards: each is a few whole-tensor passes instead of the dozen small ops (and saved temporaries)
 that autograd records for the composite formula, which is what the step spends outside the matrix
 products on CPU. All math is float32 whatever the input dtype, with one rounding at the output.
+
+On CPU these small passes (and the low-rank GEMMs) run on one thread (`serial`): each multi-threaded
+op is a parallel region whose threads must all be scheduled before it finishes, which on a loaded
+machine costs ~15 ms per op (BENCHMARKS.md), far more than the op's own work.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@contextlib.contextmanager
+def serial(t: torch.Tensor) -> Iterator[None]:
+    """Run the enclosed CPU ops on one thread (no-op for other devices or a 1-thread process)."""
+    threads = torch.get_num_threads() if t.device.type == "cpu" else 1
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _rstd(x32: torch.Tensor, eps: float) -> torch.Tensor:
@@ -31,16 +52,18 @@ def _norm_backward(dn: torch.Tensor, x32: torch.Tensor, rstd: torch.Tensor, w32:
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        x32 = x.float()
-        rstd = _rstd(x32, eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return (x32 * rstd).mul_(weight.float()).to(x.dtype)
+        with serial(x):
+            x32 = x.float()
+            rstd = _rstd(x32, eps)
+            ctx.save_for_backward(x, weight, rstd)
+            return (x32 * rstd).mul_(weight.float()).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = _norm_backward(grad.float(), x.float(), rstd, weight.float(), ctx.needs_input_grad[1])
-        return dx.to(x.dtype), (dw.to(weight.dtype) if dw is not None else None), None
+        with serial(x):
+            dx, dw = _norm_backward(grad.float(), x.float(), rstd, weight.float(), ctx.needs_input_grad[1])
+            return dx.to(x.dtype), (dw.to(weight.dtype) if dw is not None else None), None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -111,19 +134,21 @@ class _NormRope(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 eps: float) -> torch.Tensor:
         half = x.shape[-1] // 2
-        c, s = cos[..., :half].float().unsqueeze(2), sin[..., :half].float().unsqueeze(2)
-        x32 = x.float()
-        rstd = _rstd(x32, eps)
-        n = (x32 * rstd).mul_(weight.float())
-        ctx.save_for_backward(x, weight, rstd, c, s)
-        return _rotate(n, c, s, 1.0).to(x.dtype)
+        with serial(x):
+            c, s = cos[..., :half].float().unsqueeze(2), sin[..., :half].float().unsqueeze(2)
+            x32 = x.float()
+            rstd = _rstd(x32, eps)
+            n = (x32 * rstd).mul_(weight.float())
+            ctx.save_for_backward(x, weight, rstd, c, s)
+            return _rotate(n, c, s, 1.0).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight, rstd, c, s = ctx.saved_tensors
-        dn = _rotate(grad.float(), c, s, -1.0)
-        dx, dw = _norm_backward(dn, x.float(), rstd, weight.float(), ctx.needs_input_grad[1])
-        return dx.to(x.dtype), (dw.to(weight.dtype) if dw is not None else None), None, None, None
+        with serial(x):
+            dn = _rotate(grad.float(), c, s, -1.0)
+            dx, dw = _norm_backward(dn, x.float(), rstd, weight.float(), ctx.needs_input_grad[1])
+            return dx.to(x.dtype), (dw.to(weight.dtype) if dw is not None else None), None, None, None
 
 
 def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -141,13 +166,15 @@ class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate).mul_(up)
+        with serial(gate):
+            return F.silu(gate).mul_(up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        d_up = F.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
-        d_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        with serial(gate):
+            d_up = F.silu(gate).mul_(grad) if ctx.needs_input_grad[1] else None
+            d_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
         return d_gate, d_up
 
 
@@ -185,10 +212,13 @@ class _LoRAProjections(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         a_cat = torch.cat([a.to(dtype) for a in lora_as]) if count > 1 else lora_as[0].to(dtype)
         bs = [b.to(dtype) for b in lora_bs]
-        xa = torch.mm(x2, a_cat.t())
+        with serial(x):
+            xa = torch.mm(x2, a_cat.t())
         outs = []
         for s, (w, b) in enumerate(zip(weights, bs)):
-            y = torch.mm(x2, w.to(dtype).t()).addmm_(xa[:, s * r:(s + 1) * r], b.t(), alpha=scale)
+            y = torch.mm(x2, w.to(dtype).t())
+            with serial(x):
+                y.addmm_(xa[:, s * r:(s + 1) * r], b.t(), alpha=scale)
             outs.append(y.view(*x.shape[:-1], w.shape[0]))
         ctx.save_for_backward(x2, xa, a_cat, *weights, *bs)
         ctx.scale, ctx.count, ctx.r, ctx.x_shape = scale, count, r, x.shape
@@ -202,16 +232,19 @@ class _LoRAProjections(torch.autograd.Function):
         weights, bs = rest[:count], rest[count:]
         dys = [torch.zeros(x2.shape[0], w.shape[0], dtype=x2.dtype, device=x2.device) if g is None
                else g.reshape(-1, w.shape[0]).to(x2.dtype) for g, w in zip(grads, weights)]
-        dyb = torch.cat([torch.mm(dy, b) for dy, b in zip(dys, bs)], 1) if count > 1 else torch.mm(dys[0], bs[0])
+        with serial(x2):  # the low-rank products are small: one thread each
+            dyb = torch.cat([torch.mm(dy, b) for dy, b in zip(dys, bs)], 1) if count > 1 else torch.mm(dys[0], bs[0])
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.mm(dys[0], weights[0].to(x2.dtype))
             for dy, w in zip(dys[1:], weights[1:]):
                 dx.addmm_(dy, w.to(x2.dtype))
-            dx = dx.addmm_(dyb, a_cat, alpha=scale).view(ctx.x_shape)
-        da_cat = torch.mm(dyb.t(), x2).mul_(scale)
-        das = [da_cat[s * r:(s + 1) * r] for s in range(count)]
-        dbs = [torch.mm(dy.t(), xa[:, s * r:(s + 1) * r]).mul_(scale) for s, dy in enumerate(dys)]
+            with serial(x2):
+                dx = dx.addmm_(dyb, a_cat, alpha=scale).view(ctx.x_shape)
+        with serial(x2):
+            da_cat = torch.mm(dyb.t(), x2).mul_(scale)
+            das = [da_cat[s * r:(s + 1) * r] for s in range(count)]
+            dbs = [torch.mm(dy.t(), xa[:, s * r:(s + 1) * r]).mul_(scale) for s, dy in enumerate(dys)]
         dtypes = ctx.param_dtypes
         grads_out = [None] * count + [d.to(dtypes[count + i]) for i, d in enumerate(das)] + \
             [d.to(dtypes[2 * count + i]) for i, d in enumerate(dbs)]

@@ -21,12 +21,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from triton_kernels import dispatch
 from triton_kernels.lora_linear import lora_linear
 
 from .errors import EngineError
 from .fsio import atomic_dir
-from .layers import lora_projections
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR_TARGETS = ATTENTION_TARGETS + ("gate_proj", "up_proj", "down_proj")
@@ -79,10 +77,7 @@ class LoRALinear(nn.Module):
         if self.dropout > 0 and self.training:
             return F.linear(x, self.weight) + self.scale * F.linear(
                 F.linear(F.dropout(x, self.dropout, True), a), b)
-        if dispatch.use_triton(x, self.weight, a, b):
-            return lora_linear(x, self.weight, a, b, self.scale)
-        # torch path: base GEMM with the low-rank term added in place, one accumulating dx buffer
-        return lora_projections(x, (self.weight,), (self.lora_A,), (self.lora_B,), self.scale)[0]
+        return lora_linear(x, self.weight, a, b, self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A, [out, in] in float32."""
@@ -170,16 +165,34 @@ def write_adapter_files(model: nn.Module, directory: Path, config: dict | None =
     save_file(adapter_state_dict(model), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
+def _finite_number(x: object) -> bool:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
+
+
 def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAConfig, dict]:
+    """Parse and validate adapter_config.json; errors name the file and the field."""
     path = Path(adapter_dir) / "adapter_config.json"
     if not path.is_file():
         raise EngineError("adapter_config.json not found", path=path)
     try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineError(f"not valid JSON ({e})", path=path) from None
+        raw = json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise EngineError(f"cannot read ({e.strerror})", path=path) from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, too many digits or levels
+        raise EngineError(f"not valid JSON ({type(e).__name__}: {str(e)[:80]})", path=path,
+                          line=getattr(e, "lineno", None)) from None
     if not isinstance(raw, dict):
         raise EngineError("expected a JSON object", path=path)
+
+    def bad(field: str, expected: str) -> EngineError:
+        shown = repr(raw.get(field))
+        return EngineError(f"expected {expected}, got {shown if len(shown) <= 60 else shown[:57] + '...'}",
+                           path=path, field=field)
     if raw.get("peft_type", "LORA") != "LORA":
         raise EngineError(f"peft_type {raw.get('peft_type')!r} is not LORA", path=path, field="peft_type")
     if raw.get("bias", "none") != "none":
@@ -187,16 +200,26 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAConfig, dic
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in raw:
             raise EngineError("missing field", path=path, field=key)
+    r, alpha = raw["r"], raw["lora_alpha"]
+    dropout, rslora = raw.get("lora_dropout") or 0.0, raw.get("use_rslora", False)
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise bad("r", "a positive integer")
+    if not _finite_number(alpha) or alpha <= 0:
+        raise bad("lora_alpha", "a finite number > 0")
+    if not _finite_number(dropout) or not 0 <= dropout < 1:
+        raise bad("lora_dropout", "a number in [0, 1)")
+    if not isinstance(rslora, bool):
+        raise bad("use_rslora", "true or false")
     targets = raw["target_modules"]
     if isinstance(targets, str):
         targets = ALL_LINEAR_TARGETS if targets == "all-linear" else [targets]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise bad("target_modules", "a module name or a non-empty list of them")
     try:
-        cfg = LoRAConfig(r=raw["r"], alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout") or 0.0),
-                         target_modules=tuple(targets), use_rslora=bool(raw.get("use_rslora", False)))
+        cfg = LoRAConfig(r=r, alpha=float(alpha), dropout=float(dropout), target_modules=tuple(targets),
+                         use_rslora=rslora)
     except EngineError as e:
         raise EngineError(e.message, path=path, field=e.field) from None
-    except (TypeError, ValueError) as e:
-        raise EngineError(f"bad value ({e})", path=path) from None
     return cfg, raw
 
 

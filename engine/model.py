@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention
 from .config import Qwen3Config
 from .kv_cache import KVCache
-from .layers import MLP, RMSNorm, RotaryEmbedding
+from .layers import MLP, RMSNorm, RotaryEmbedding, serial
 
 
 @dataclasses.dataclass
@@ -33,8 +33,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        a = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache)
+        with serial(h):  # residual adds are small: one thread (engine/layers.py, `serial`)
+            h = h + a
+        m = self.mlp(self.post_attention_layernorm(h))
+        with serial(h):
+            return h + m
 
 
 class Qwen3Model(nn.Module):

@@ -9,6 +9,11 @@ a resumed run writes exactly what an uninterrupted one would have.
 Evaluation: greedy pass@1 (the protocol's evaluation), a per-item JSONL (id, completion, extracted
 answer, gold, correct) that the analysis pairs across runs for McNemar, and a summary with the accuracy
 and its 95% Wilson interval.
+
+Under torchrun (`torchrun --nproc-per-node N cli.py eval|rollout ...`) the length-sorted chunks of
+prompts are dealt round-robin to the ranks (each chunk is generated exactly as one process would
+generate it, same batch composition, so the outputs are the same), the results are gathered, and
+rank 0 alone writes them in the one-process order.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from . import distributed
 from .errors import EngineError
 from .fsio import atomic_file, write_json
 from .grading import extract_answer, grade
@@ -68,8 +74,8 @@ def completion_text(tokenizer: ChatTokenizer, gen: Generation) -> str:
 class _Progress:
     """A tqdm bar over completions with the decode throughput (generated tokens / s) as postfix."""
 
-    def __init__(self, total: int, desc: str) -> None:
-        self.bar = tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True)
+    def __init__(self, total: int, desc: str, show: bool = True) -> None:
+        self.bar = tqdm(total=total, desc=desc, unit="seq", dynamic_ncols=True, disable=not show)
         self.tokens, self.start, self.shown = 0, time.perf_counter(), 0.0
 
     def on_step(self, n: int) -> None:
@@ -141,56 +147,95 @@ def scan_rollout_file(path: Path, k: int, source: str) -> set[str]:
 
 def rollout_items(model: torch.nn.Module, tokenizer: ChatTokenizer, items: Sequence[TaskItem], out: str | os.PathLike,
                   params: SamplingParams, *, k: int = 4, seed: int = 0, batch_size: int = 32,
-                  style: str = "boxed", enable_thinking: bool | None = None, task: str | None = None
-                  ) -> dict[str, Any]:
-    """Append K graded completions per item to `out` (resuming); returns a summary dict."""
+                  style: str = "boxed", enable_thinking: bool | None = None, task: str | None = None,
+                  dist: distributed.DistContext | None = None) -> dict[str, Any]:
+    """Append K graded completions per item to `out` (resuming); returns a summary dict. Under
+    torchrun (`dist`), round r has rank j generate chunk r * world + j; rank 0 appends the round's
+    groups in chunk order, so the file is the one-process file."""
+    ctx = dist or distributed.DistContext()
     if k < 1:
         raise EngineError(f"expected k >= 1, got {k}", field="k")
     check_batch_size(batch_size)
     out = Path(out)
     source = task or (items[0].source if items else "")
-    done = scan_rollout_file(out, k, source)
+    done = set(distributed.on_main(ctx, lambda: sorted(scan_rollout_file(out, k, source))))  # may truncate
     pending = [item for item in items if item.id not in done]
     messages, prompts = encode_prompts(tokenizer, pending, style, enable_thinking)
     check_context(model, prompts, [item.id for item in pending])
     order = sorted(range(len(pending)), key=lambda i: -len(prompts[i]))
     per_chunk = max(1, batch_size // k)
-    progress = _Progress(len(pending) * k, f"rollout {source}")
+    chunks = [order[s:s + per_chunk] for s in range(0, len(order), per_chunk)]
+    progress = _Progress(len(pending) * k, f"rollout {source}", show=ctx.is_main)
     rewards, truncated, retokenize_mismatch = [], 0, 0
-    out.parent.mkdir(parents=True, exist_ok=True)
+    f = None
     try:
-        with open(out, "ab") as f:
-            for start in range(0, len(order), per_chunk):
-                chunk = order[start:start + per_chunk]
-                batch_prompts = [prompts[i] for i in chunk for _ in range(k)]
-                seeds = [sequence_seed(seed, pending[i].id, j) for i in chunk for j in range(k)]
-                gens = generate(model, batch_prompts, params, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                                seeds=seeds, batch_size=batch_size, on_step=progress.on_step)
-                for n, i in enumerate(chunk):
-                    item, lines = pending[i], []
-                    for gen in gens[n * k:(n + 1) * k]:
-                        body = gen.token_ids[:-1] if gen.finished else gen.token_ids
-                        text = completion_text(tokenizer, gen)
-                        reward = 1.0 if grade(text, item.gold) else 0.0
-                        rewards.append(reward)
-                        truncated += not gen.finished
-                        # A trainer that re-encodes the text gets other ids (and a behavior_logps length
-                        # mismatch) when the sampled tokenisation is not the canonical one: count them.
-                        retokenize_mismatch += tokenizer.encode(text) != body
-                        lines.append(json.dumps({
-                            "prompt": messages[i], "completion": text, "reward": reward, "group": item.id,
-                            "behavior_logps": gen.behavior_logps, "answer": item.gold, "source": source,
-                            "finished": gen.finished, "completion_ids": body}, ensure_ascii=False) + "\n")
-                    f.write("".join(lines).encode())  # one write per group: a crash tears at most the tail
-                    progress.bar.update(k)
+        if ctx.is_main:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            f = open(out, "ab")
+        for first in range(0, len(chunks), ctx.world_size):
+            mine = first + ctx.rank
+            groups = _rollout_chunk(model, tokenizer, pending, messages, prompts, chunks[mine], params, k=k,
+                                    seed=seed, batch_size=batch_size, source=source, progress=progress) \
+                if mine < len(chunks) else []
+            for part in distributed.gather_json(ctx, groups):      # chunk order = one-process order
+                for group in part:
+                    rewards.extend(group["rewards"])
+                    truncated += group["truncated"]
+                    retokenize_mismatch += group["mismatch"]
+                    if f is not None:
+                        f.write(group["text"].encode())  # one write per group: a crash tears at most the tail
+                        progress.bar.update(k)
+            if f is not None:
                 f.flush()
                 os.fsync(f.fileno())
     finally:
+        if f is not None:
+            f.close()
         progress.close()
+    tokens, seconds = _throughput(ctx, progress)
     return {"path": str(out), "groups_skipped": len(done), "groups_written": len(pending),
             "completions": len(rewards), "mean_reward": sum(rewards) / len(rewards) if rewards else None,
             "truncated": truncated, "retokenize_mismatch": retokenize_mismatch,
-            "tokens": progress.tokens, "tokens_per_s": progress.rate}
+            "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)}
+
+
+def _rollout_chunk(model, tokenizer: ChatTokenizer, pending: Sequence[TaskItem], messages, prompts, chunk: list[int],
+                   params: SamplingParams, *, k: int, seed: int, batch_size: int, source: str,
+                   progress: "_Progress") -> list[dict[str, Any]]:
+    """Generate and grade the K completions of each item of `chunk`: one record per group with its
+    JSONL text (K lines), rewards, truncation and re-tokenisation counts."""
+    batch_prompts = [prompts[i] for i in chunk for _ in range(k)]
+    seeds = [sequence_seed(seed, pending[i].id, j) for i in chunk for j in range(k)]
+    gens = generate(model, batch_prompts, params, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                    seeds=seeds, batch_size=batch_size, on_step=progress.on_step)
+    groups = []
+    for n, i in enumerate(chunk):
+        item, lines, group = pending[i], [], {"rewards": [], "truncated": 0, "mismatch": 0}
+        for gen in gens[n * k:(n + 1) * k]:
+            body = gen.token_ids[:-1] if gen.finished else gen.token_ids
+            text = completion_text(tokenizer, gen)
+            reward = 1.0 if grade(text, item.gold) else 0.0
+            group["rewards"].append(reward)
+            group["truncated"] += not gen.finished
+            # A trainer that re-encodes the text gets other ids (and a behavior_logps length
+            # mismatch) when the sampled tokenisation is not the canonical one: count them.
+            group["mismatch"] += tokenizer.encode(text) != body
+            lines.append(json.dumps({
+                "prompt": messages[i], "completion": text, "reward": reward, "group": item.id,
+                "behavior_logps": gen.behavior_logps, "answer": item.gold, "source": source,
+                "finished": gen.finished, "completion_ids": body}, ensure_ascii=False) + "\n")
+        group["text"] = "".join(lines)
+        groups.append(group)
+    return groups
+
+
+def _throughput(ctx: distributed.DistContext, progress: "_Progress") -> tuple[int, float]:
+    """Generated tokens over all ranks and the longest rank's wall time."""
+    elapsed = time.perf_counter() - progress.start
+    if not ctx.enabled:
+        return progress.tokens, elapsed
+    parts = distributed.gather_json(ctx, [progress.tokens, elapsed])
+    return sum(p[0] for p in parts), max(p[1] for p in parts)
 
 
 # ---------------------------------------------------------------- evaluation
@@ -207,20 +252,24 @@ def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple
 
 def evaluate_items(model: torch.nn.Module, tokenizer: ChatTokenizer, items: Sequence[TaskItem], *,
                    max_new_tokens: int = 1024, batch_size: int = 32, style: str = "boxed",
-                   enable_thinking: bool | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Greedy pass@1. Returns per-item records (input order) and a summary dict."""
+                   enable_thinking: bool | None = None, dist: distributed.DistContext | None = None
+                   ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Greedy pass@1. Returns per-item records (input order) and a summary dict. Under torchrun
+    (`dist`) the chunks are dealt round-robin to the ranks and every rank gets all the records."""
+    ctx = dist or distributed.DistContext()
     if not items:
         raise EngineError("no items to evaluate (empty task or --limit 0)", field="limit")
     check_batch_size(batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     _, prompts = encode_prompts(tokenizer, items, style, enable_thinking)
     check_context(model, prompts, [item.id for item in items])
-    progress = _Progress(len(items), "eval")
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))  # similar lengths batch together
+    chunks = [order[s:s + batch_size * 8] for s in range(0, len(order), batch_size * 8)]  # keep the bar moving
+    mine = chunks[ctx.rank::ctx.world_size]
+    progress = _Progress(sum(len(c) for c in mine), "eval", show=ctx.is_main)
     records: list[dict[str, Any]] = [{} for _ in items]
     try:
-        for start in range(0, len(order), batch_size * 8):  # chunks keep the bar moving
-            chunk = order[start:start + batch_size * 8]
+        for chunk in mine:
             gens = generate(model, [prompts[i] for i in chunk], params, stop_ids=tokenizer.stop_ids,
                             pad_id=tokenizer.pad_id, batch_size=batch_size, on_step=progress.on_step)
             for i, gen in zip(chunk, gens):
@@ -231,12 +280,17 @@ def evaluate_items(model: torch.nn.Module, tokenizer: ChatTokenizer, items: Sequ
             progress.bar.update(len(chunk))
     finally:
         progress.close()
+    if ctx.enabled:
+        for part in distributed.gather_json(ctx, [[i, r] for i, r in enumerate(records) if r]):
+            for i, r in part:
+                records[i] = r
+    tokens, seconds = _throughput(ctx, progress)
     correct = sum(r["correct"] for r in records)
     lo, hi = wilson_interval(correct, len(records))
     summary = {"n": len(records), "correct": correct, "accuracy": correct / len(records),
                "ci95_wilson": [lo, hi], "truncated": sum(not r["finished"] for r in records),
                "max_new_tokens": max_new_tokens, "style": style, "enable_thinking": enable_thinking,
-               "tokens": progress.tokens, "tokens_per_s": progress.rate}
+               "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9)}
     return records, summary
 
 
@@ -264,15 +318,24 @@ def run_rollout(model: str, *, task: str, split: str, out: str, k: int = 4, adap
                 batch_size: int = 32, seed: int = 0, thinking: str = "auto", style: str = "boxed",
                 device: str | None = None, tokenizer: str | None = None, threads: int | None = None,
                 echo: Callable[[str], None] = print) -> dict[str, Any]:
+    ctx = distributed.setup(device)
     items = load_task(task, split, data_dir=data_dir, limit=limit)
-    m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=device, threads=threads)
+    m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=_rank_device(ctx, device),
+                                 threads=threads)
     summary = rollout_items(m, tok, items, out, params, k=k, seed=seed, batch_size=batch_size, style=style,
-                            enable_thinking=THINKING[thinking], task=task)
+                            enable_thinking=THINKING[thinking], task=task, dist=ctx)
     reward = "n/a" if summary["mean_reward"] is None else f"{summary['mean_reward']:.4f}"
-    echo(f"{out}: wrote {summary['groups_written']} groups ({summary['completions']} completions, mean reward "
-         f"{reward}, {summary['truncated']} truncated), skipped {summary['groups_skipped']} already written; "
-         f"{summary['tokens_per_s']:.1f} tok/s")
+    if ctx.is_main:
+        echo(f"{out}: wrote {summary['groups_written']} groups ({summary['completions']} completions, mean "
+             f"reward {reward}, {summary['truncated']} truncated), skipped {summary['groups_skipped']} already "
+             f"written; {summary['tokens_per_s']:.1f} tok/s")
     return summary
+
+
+def _rank_device(ctx: distributed.DistContext, device: str | None) -> str | None:
+    """Under torchrun with GPUs, each rank generates on its own."""
+    chosen = distributed.training_device(ctx, device)
+    return None if chosen is None else str(chosen)
 
 
 def run_eval(model: str, *, task: str, split: str, adapter: str | None = None, limit: int | None = None,
@@ -280,12 +343,15 @@ def run_eval(model: str, *, task: str, split: str, adapter: str | None = None, l
              batch_size: int = 32, thinking: str = "auto", style: str = "boxed", device: str | None = None,
              tokenizer: str | None = None, threads: int | None = None,
              echo: Callable[[str], None] = print) -> dict[str, Any]:
+    ctx = distributed.setup(device)
     items = load_task(task, split, data_dir=data_dir, limit=limit)
-    m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=device, threads=threads)
+    m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=_rank_device(ctx, device),
+                                 threads=threads)
     records, summary = evaluate_items(m, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                      style=style, enable_thinking=THINKING[thinking])
+                                      style=style, enable_thinking=THINKING[thinking], dist=ctx)
     summary = {"task": task, "split": split, "model": str(model), "adapter": adapter, **summary}
     if out is not None:
-        write_eval(out, task, split, records, summary)
-    echo(summary_line(task, split, summary))
+        distributed.on_main(ctx, lambda: write_eval(out, task, split, records, summary) and None)
+    if ctx.is_main:
+        echo(summary_line(task, split, summary))
     return summary

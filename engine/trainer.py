@@ -9,7 +9,6 @@ ranks (engine.distributed), so N ranks compute the single-process step; only ran
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from losses import LossInputs
 from . import checkpointing as ckpt
 from . import distributed
 from .checkpoint import default_device, load_model
-from .data import (Batch, Example, Skipped, build_pairs, collate, describe, groups_of, plan_steps,
+from .data import (Batch, Example, build_pairs, collate, describe, groups_of, plan_steps,
                    read_rollouts, split_micro_batches, tokenize_rollouts)
 from .errors import EngineError, TrainingDiverged
 from .logprobs import token_logprobs
@@ -107,7 +106,8 @@ class Trainer:
             raise EngineError(f"max_len {cfg.max_len} exceeds the model's context {max_ctx}", field="max_len")
         rollouts, skipped = read_rollouts(cfg.rollouts, cfg.on_bad)
         self.examples = tokenize_rollouts(rollouts, self.tokenizer, cfg.max_len, path=cfg.rollouts,
-                                          on_bad=cfg.on_bad, enable_thinking=cfg.enable_thinking, skipped=skipped)
+                                          on_bad=cfg.on_bad, enable_thinking=cfg.enable_thinking, skipped=skipped,
+                                          vocab_size=self.model.config.vocab_size)
         self.skipped = skipped
         if skipped.count and self.dist.is_main:
             tqdm.write(f"skipped {skipped.count} bad rollout lines (on_bad=skip), e.g. {skipped.reasons[0]}")

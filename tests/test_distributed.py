@@ -57,7 +57,7 @@ def runs(tmp_path_factory):
         model = "{model}"
         rollouts = "{rollouts}"
         steps = {STEPS}
-        lr = 5e-3
+        lr = 2e-3
         batch_size = 16
         micro_batch_size = 4
         lora_r = 4
@@ -144,7 +144,7 @@ ctx = distributed.setup()
 rank = ctx.rank
 out = {"world": ctx.world_size}
 out["gathered"] = distributed.gather_json(ctx, {"rank": rank, "text": "x" * (3 * rank)})
-out["sums"] = distributed.all_reduce_sum(ctx, [rank + 0.5, 2])
+out["sums"] = distributed.all_reduce_tensor_(ctx, torch.tensor([rank + 0.5, 2.0])).tolist()
 # Gradients of two parameter buckets (float32, float64) are summed over ranks in place.
 a = torch.nn.Parameter(torch.zeros(5)); b = torch.nn.Parameter(torch.zeros(3, 2, dtype=torch.float64))
 opt = AdamW([a, b], lr=0.1)
@@ -160,6 +160,7 @@ except EngineError as e:
 out["main_result"] = distributed.on_main(ctx, lambda: {"picked": rank})
 print("RESULT", rank, __import__("json").dumps(out), flush=True)
 distributed.shutdown()
+__import__("os")._exit(0)  # as cli.py does after a distributed run (gloo threads vs interpreter teardown)
 '''
 
 
@@ -201,3 +202,61 @@ def test_share_units_is_a_balanced_partition():
         assert covered == list(range(row))
         assert max(len(shard_indices(row, r, world)) for r in range(world)) - \
             min(len(shard_indices(row, r, world)) for r in range(world)) <= 1
+
+
+GENERATE_WORKER = r'''
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import cli
+from engine import distributed
+for command in (sys.argv[2:sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1:]):
+    cli.main(command, standalone_mode=False)
+distributed.shutdown()
+sys.stdout.flush()
+os._exit(0)  # as cli.py train does after a distributed run (gloo threads vs interpreter teardown)
+'''
+
+
+def test_eval_and_rollout_shard_prompts_and_merge_in_order(tmp_path):
+    """`cli.py eval` / `cli.py rollout` on 2 ranks write the files 1 process writes, byte for byte
+    (10 items: the eval's two chunks and the rollout's ten go to both ranks)."""
+    from cli import main
+    from click.testing import CliRunner
+    from engine import Qwen3Config, Qwen3ForCausalLM, save_model
+    from helpers import QWEN3_TOKENIZER, tiny_config
+    torch.manual_seed(0)
+    model_dir = tmp_path / "model"
+    save_model(Qwen3ForCausalLM(Qwen3Config.from_dict(tiny_config(
+        vocab_size=151936, hidden_size=32, intermediate_size=48, head_dim=8, num_hidden_layers=1,
+        max_position_embeddings=256, tie_word_embeddings=True))), model_dir)
+    for f in QWEN3_TOKENIZER.iterdir():
+        shutil.copy(f, model_dir / f.name)
+    data = tmp_path / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    for split in ("train", "test"):
+        (data / f"{split}.jsonl").write_text("".join(
+            json.dumps({"question": f"What is {a} plus {a * 3 + 1} apples" + " please" * (a % 4) + "?",
+                        "answer": f"Add.\n#### {a * 4 + 1}"}) + "\n" for a in range(10)))
+
+    def commands(out):
+        common = ["--model", str(model_dir), "--task", "gsm8k", "--data-dir", str(tmp_path / "data"),
+                  "--max-new-tokens", "6"]
+        return (["eval", *common, "--batch-size", "1", "--out", str(out / "eval")],
+                ["rollout", *common, "--batch-size", "2", "--k", "2", "--seed", "5", "--out", str(out / "r.jsonl")])
+    with one_thread():
+        for command in commands(tmp_path / "one"):
+            result = CliRunner().invoke(main, command, catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+    script = tmp_path / "worker.py"
+    script.write_text(GENERATE_WORKER)
+    evaluate, rollout = commands(tmp_path / "two")
+    launch = torchrun([str(script), str(REPO), *evaluate, "--", *rollout], cwd=tmp_path)
+    assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (two / "eval" / "gsm8k_test.jsonl").read_bytes() == (one / "eval" / "gsm8k_test.jsonl").read_bytes()
+    assert len((one / "eval" / "gsm8k_test.jsonl").read_text().splitlines()) == 10
+    s1, s2 = (json.loads((d / "eval" / "gsm8k_test_summary.json").read_text()) for d in (one, two))
+    assert {k: v for k, v in s1.items() if k != "tokens_per_s"} == {k: v for k, v in s2.items() if k != "tokens_per_s"}
+    assert (two / "r.jsonl").read_bytes() == (one / "r.jsonl").read_bytes()
+    assert len((one / "r.jsonl").read_text().splitlines()) == 20
+    assert launch.stdout.count("gsm8k/test: accuracy") == 1  # rank 0 alone reports

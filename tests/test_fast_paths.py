@@ -94,3 +94,19 @@ def test_head_logprob_rejects_bad_ids():
     h = torch.randn(3, 4, requires_grad=True)
     with pytest.raises(EngineError):
         logprobs.head_logprob(h, torch.randn(10, 4), torch.tensor([1, 10, 2]))
+
+
+def test_serial_restores_the_thread_count():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(4, 8, requires_grad=True)
+        with layers.serial(x):
+            assert torch.get_num_threads() == 1
+        layers.rms_norm(x, torch.randn(8), 1e-6).sum().backward()
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), layers.serial(x):
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -58,7 +58,7 @@ def no_surrogates(s: str) -> bool:
 
 
 # ---- rollouts (engine/data.py read_rollouts) -----------------------------------------------------
-ROLLOUT_FIELDS = ("prompt", "completion", "reward", "group", "behavior_logps", "finished")
+ROLLOUT_FIELDS = ("prompt", "completion", "reward", "group", "behavior_logps", "finished", "completion_ids")
 REQUIRED = ("prompt", "completion", "reward", "group")
 VALID_ROLLOUT = st.fixed_dictionaries(
     {"prompt": st.text(min_size=1, max_size=20) | st.lists(st.fixed_dictionaries(
@@ -68,6 +68,7 @@ VALID_ROLLOUT = st.fixed_dictionaries(
      "reward": st.integers(-5, 5) | st.floats(-10, 10, allow_nan=False),
      "group": st.text(max_size=6) | st.integers(-99, 99)},
     optional={"behavior_logps": st.lists(st.floats(-20, 0), max_size=4), "finished": st.booleans(),
+              "completion_ids": st.lists(st.integers(0, 10 ** 6), max_size=4),
               "answer": JSON, "source": JSON})
 # Values each field must reject, beside the random ones.
 INVALID = {
@@ -77,6 +78,7 @@ INVALID = {
     "group": st.sampled_from([None, True, 1.5, [1], {"a": 1}]),
     "behavior_logps": st.sampled_from([[0.5], ["x"], [float("nan")], 3, [True], [10 ** 400]]),
     "finished": st.sampled_from([0, 1, "yes", None]),
+    "completion_ids": st.sampled_from([[-1], ["x"], [True], 5, [1.5], {"a": 1}]),
 }
 
 
@@ -273,9 +275,6 @@ def adapter_dir(tmp_path_factory):
 ADAPTER_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "peft_type", "bias")
 
 
-@pytest.mark.xfail(strict=True, reason="engine/lora.py read_adapter_config lets OverflowError / RecursionError / "
-                   "ValueError escape, names no field for bad values and accepts r=true, alpha nan or <= 0: "
-                   "fixed by the patch handed to the lead (remove this marker once applied)")
 @FUZZ
 @example(key="lora_alpha", value=10 ** 400, drop=False)
 @example(key="lora_dropout", value="x", drop=False)
@@ -373,6 +372,9 @@ def no_unpickling(monkeypatch):
     for target, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
         monkeypatch.setattr(target, name, forbidden)
     monkeypatch.setattr(pickle, "Unpickler", ForbiddenUnpickler)
+    if not AUDIT["installed"]:  # audit hooks cannot be removed: install once, inert when off
+        sys.addaudithook(_audit)
+        AUDIT["installed"] = True
     OPENED.clear()
     AUDIT["on"] = True
     yield OPENED
@@ -380,15 +382,12 @@ def no_unpickling(monkeypatch):
 
 
 OPENED: list[str] = []
-AUDIT = {"on": False}
+AUDIT = {"on": False, "installed": False}
 
 
 def _audit(event, args):
     if AUDIT["on"] and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
         OPENED.append(os.fsdecode(args[0]))
-
-
-sys.addaudithook(_audit)
 
 
 def test_planted_pickles_are_never_opened(tmp_path, no_unpickling):
@@ -419,6 +418,7 @@ def test_planted_pickles_are_never_opened(tmp_path, no_unpickling):
     with pytest.raises(EngineError, match="only safetensors adapters are read"):
         load_adapter(load_model(model_dir, device="cpu"), adapter)
     assert not marker.exists()
+    assert str(model_dir / "config.json") in no_unpickling  # the watch works: Python-level opens are seen
     assert not [p for p in no_unpickling if p.endswith((".bin", ".pt"))], no_unpickling
     # The planted payload is live: unpickling it really would have left the marker.
     AUDIT["on"] = False
@@ -453,7 +453,7 @@ def test_names_never_escape_their_directory(tmp_path, no_unpickling):
     (adapter / "adapter_config.json").write_text(json.dumps(raw))
     OPENED.clear()
     load_adapter(model, adapter)
-    assert all(Path(p).resolve().is_relative_to(adapter.resolve()) for p in OPENED), OPENED
+    assert OPENED and all(Path(p).resolve().is_relative_to(adapter.resolve()) for p in OPENED), OPENED
     # A checkpoint manifest naming '../x' is reported as corrupt, and the file is never read.
     from engine.checkpointing import verify
     secret = tmp_path / "secret"
