@@ -207,6 +207,8 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Trai
         except tomllib.TOMLDecodeError as e:
             found = re.search(r"at line (\d+)", str(e))
             line = getattr(e, "lineno", None) or (int(found.group(1)) if found else None)
+            if line is None and "end of document" in str(e):
+                line = text.count("\n") + 1  # the error is at the last line
             raise EngineError(f"not valid TOML ({e})", path=path, line=line) from None
         except RecursionError:
             raise EngineError("not valid TOML (nested too deeply)", path=path) from None
