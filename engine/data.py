@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import EngineError
+from .errors import EngineError, is_finite_number
 from .tokenizer import ChatTokenizer
 
 
@@ -56,16 +56,6 @@ class Skipped:
         self.count += 1
         if len(self.reasons) < 20:
             self.reasons.append(str(err))
-
-
-def _finite(x: Any) -> bool:
-    """A JSON number (not a bool) that is a finite float (huge integers are not)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(x))
-    except OverflowError:
-        return False
 
 
 def _text(x: Any) -> bool:
@@ -111,14 +101,14 @@ def _parse_line(raw: str, path: Path, line: int) -> Rollout:
         raise bad("empty completion" if _text(completion) else "expected a (valid Unicode) string",
                   "completion")
     reward = obj["reward"]
-    if not _finite(reward):
+    if not is_finite_number(reward):
         raise bad(f"expected a finite number, got {_short(reward)}", "reward")
     group = obj["group"]
     if isinstance(group, bool) or not (_text(group) or isinstance(group, int)):
         raise bad(f"expected a string or integer, got {_short(group)}", "group")
     blp = obj.get("behavior_logps")
     if blp is not None:
-        if not isinstance(blp, list) or not all(_finite(x) and x <= 1e-6 for x in blp):
+        if not isinstance(blp, list) or not all(is_finite_number(x) and x <= 1e-6 for x in blp):
             raise bad("expected a list of finite log-probs (<= 0)", "behavior_logps")
     finished = obj.get("finished", True)
     if not isinstance(finished, bool):

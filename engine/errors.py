@@ -5,6 +5,7 @@ reach the user as a traceback for input problems.
 """
 from __future__ import annotations
 
+import math
 import os
 
 
@@ -27,6 +28,16 @@ class EngineError(Exception):
             where = f"line {self.line}: "
         field = f"field '{self.field}': " if self.field else ""
         return f"{where}{field}{self.message}"
+
+
+def is_finite_number(x: object) -> bool:
+    """A JSON number (not a bool) that is a finite float; huge integers are not."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 class TrainingDiverged(RuntimeError):

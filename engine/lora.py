@@ -23,7 +23,7 @@ from torch import nn
 
 from triton_kernels.lora_linear import lora_linear
 
-from .errors import EngineError
+from .errors import EngineError, is_finite_number
 from .fsio import atomic_dir
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -165,15 +165,6 @@ def write_adapter_files(model: nn.Module, directory: Path, config: dict | None =
     save_file(adapter_state_dict(model), str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def _finite_number(x: object) -> bool:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(x))
-    except OverflowError:
-        return False
-
-
 def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAConfig, dict]:
     """Parse and validate adapter_config.json; errors name the file and the field."""
     path = Path(adapter_dir) / "adapter_config.json"
@@ -204,9 +195,9 @@ def read_adapter_config(adapter_dir: str | os.PathLike) -> tuple[LoRAConfig, dic
     dropout, rslora = raw.get("lora_dropout") or 0.0, raw.get("use_rslora", False)
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise bad("r", "a positive integer")
-    if not _finite_number(alpha) or alpha <= 0:
+    if not is_finite_number(alpha) or alpha <= 0:
         raise bad("lora_alpha", "a finite number > 0")
-    if not _finite_number(dropout) or not 0 <= dropout < 1:
+    if not is_finite_number(dropout) or not 0 <= dropout < 1:
         raise bad("lora_dropout", "a number in [0, 1)")
     if not isinstance(rslora, bool):
         raise bad("use_rslora", "true or false")

@@ -23,12 +23,6 @@ ITEMS = [TaskItem(f"t{i}", f"What is {a} + {b}?", str(a + b), "test") for i, (a,
          enumerate([(3, 17), (12, 42), (7, 3), (51, 17), (29, 42)])]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,6 @@ from engine.errors import EngineError
 from test_analysis_helpers import SHAPES, correlated_runs, delta, random_factors, write_adapter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny linear algebra: extra threads only contend with the rest of the suite.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _orthonormal(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(n, k, generator=gen, dtype=torch.float64))[0]
 

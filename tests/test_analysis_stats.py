@@ -16,12 +16,6 @@ from analysis.stats import evaluation, read_items
 from engine.errors import EngineError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---- McNemar ------------------------------------------------------------------------------------------
