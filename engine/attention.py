@@ -6,6 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from triton_kernels import dispatch
+from triton_kernels.qk_norm_rope import qk_norm_rope
+from triton_kernels.qkv_proj import qkv_proj
 
 from .config import Qwen3Config
 from .kv_cache import KVCache
@@ -33,9 +35,13 @@ class Attention(nn.Module):
         rank and scale run as one fused projection (stacked A: one low-rank GEMM each way)."""
         mods = (self.q_proj, self.k_proj, self.v_proj)
         fusable = all(getattr(m, "enabled", False) and not (m.dropout > 0 and m.training) for m in mods) and \
-            len({(m.r, m.scale) for m in mods}) == 1 and not dispatch.use_triton(x, *(m.weight for m in mods))
+            len({(m.r, m.scale) for m in mods}) == 1
         if not fusable:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if dispatch.use_triton(x, *(m.weight for m in mods)):
+            # One Triton launch for the three frozen GEMMs with their LoRA terms in the epilogue.
+            return qkv_proj(x, tuple(m.weight for m in mods), tuple(m.lora_A.to(x.dtype) for m in mods),
+                            tuple(m.lora_B.to(x.dtype) for m in mods), mods[0].scale)
         return lora_projections(x, tuple(m.weight for m in mods), tuple(m.lora_A for m in mods),
                                 tuple(m.lora_B for m in mods), mods[0].scale)
 
@@ -45,8 +51,12 @@ class Attention(nn.Module):
         for plain causal attention over the T positions. Returns [B, T, hidden]."""
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
-        q = norm_rope(q.view(B, T, self.num_heads, self.head_dim), self.q_norm.weight, cos, sin, self.eps)
-        k = norm_rope(k.view(B, T, self.num_kv_heads, self.head_dim), self.k_norm.weight, cos, sin, self.eps)
+        q, k = q.view(B, T, self.num_heads, self.head_dim), k.view(B, T, self.num_kv_heads, self.head_dim)
+        if dispatch.use_triton(q, k):
+            q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.eps)
+        else:
+            q = norm_rope(q, self.q_norm.weight, cos, sin, self.eps)
+            k = norm_rope(k, self.k_norm.weight, cos, sin, self.eps)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)

@@ -158,7 +158,8 @@ try:
 except EngineError as e:
     out["error"] = [type(e).__name__, str(e)]
 out["main_result"] = distributed.on_main(ctx, lambda: {"picked": rank})
-print("RESULT", rank, __import__("json").dumps(out), flush=True)
+# A file per rank: two ranks printing to one pipe can interleave their lines.
+open(f"result-{rank}.json", "w").write(__import__("json").dumps(out))
 distributed.shutdown()
 __import__("os")._exit(0)  # as cli.py does after a distributed run (gloo threads vs interpreter teardown)
 '''
@@ -169,8 +170,7 @@ def test_collective_helpers(tmp_path):
     script.write_text(WORKER)
     launch = torchrun([str(script), str(REPO)], cwd=tmp_path)
     assert launch.returncode == 0, launch.stdout[-3000:] + launch.stderr[-3000:]
-    results = {int(line.split()[1]): json.loads(line.split(" ", 2)[2])
-               for line in launch.stdout.splitlines() if line.startswith("RESULT")}
+    results = {int(p.stem.split("-")[1]): json.loads(p.read_text()) for p in tmp_path.glob("result-*.json")}
     assert sorted(results) == [0, 1]
     for rank, r in results.items():
         assert r["world"] == 2
