@@ -23,7 +23,7 @@ from .errors import EngineError
 # loaded CPU each costs a scheduling delay); lean mode (activation checkpointing on) trades them for
 # memory. The 0.6B head at 384 scored rows is one block in the default budget.
 HEAD_BUFFER_BYTES = 256 * 2**20
-LEAN_HEAD_BUFFER_BYTES = 32 * 2**20
+LEAN_HEAD_BUFFER_BYTES = 8 * 2**20
 MIN_VOCAB_BLOCK = 4096
 
 

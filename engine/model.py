@@ -4,7 +4,9 @@ Parameter names equal Hugging Face's, so checkpoints map one to one.
 """
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 
 import torch
 from torch import nn
@@ -71,6 +73,24 @@ def _causal(T: int, past: int, key_valid: torch.Tensor | None) -> torch.Tensor:
     return mask
 
 
+# glibc's mallopt(M_MMAP_THRESHOLD) / (M_TRIM_THRESHOLD): allocations from 256 KiB up are mapped and
+# unmapped one by one, so freed activations leave the resident set at once instead of staying in the
+# heap (where glibc's adaptive threshold otherwise puts them). Costs page faults on every large
+# allocation (a few percent of a CPU step); worth it only in lean mode (activation checkpointing).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _LEAN_MMAP_BYTES = -1, -3, 256 * 1024
+
+
+@functools.cache
+def lean_cpu_allocator() -> bool:
+    """Make freed CPU tensors go back to the OS at once (glibc only; False elsewhere). Once per process."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, _LEAN_MMAP_BYTES)) and \
+            bool(libc.mallopt(_M_TRIM_THRESHOLD, _LEAN_MMAP_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
 class Qwen3ForCausalLM(nn.Module):
     def __init__(self, config: Qwen3Config) -> None:
         super().__init__()
@@ -103,8 +123,11 @@ class Qwen3ForCausalLM(nn.Module):
         cos, sin = self.rotary.cos_sin(position_ids, h.dtype)
         mask = build_attention_mask(attention_mask, T, past)
         states = [h] if output_hidden_states else None
+        recompute = self.gradient_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled()
+        if recompute and h.device.type == "cpu":
+            lean_cpu_allocator()
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training and kv_cache is None and torch.is_grad_enabled():
+            if recompute:
                 h = checkpoint(layer, h, cos, sin, mask, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, kv_cache)
