@@ -250,7 +250,8 @@ def _bench_spec(model_config, **flags):
               help="Time one side alone (e.g. the engine's SFT vs DPO vs GRPO step cost).")
 def bench(json_path, max_seq, sides, **flags) -> None:
     """Training step, this engine vs transformers + PEFT side by side: tokens/s, step time, peak memory, MFU."""
-    from engine.bench import SIDES, find_max_seq, format_table, run_bench, save_result
+    from benchmarks.bench_train import SIDES, find_max_seq, format_table, run_bench
+    from engine.bench import save_result
     spec = _bench_spec(**flags)
     chosen = SIDES if sides == "both" else (sides,)
     if max_seq is not None:

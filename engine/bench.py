@@ -1,19 +1,12 @@
-"""Training-step benchmark: this engine against transformers + PEFT, measured side by side.
+"""The engine's half of the training-step benchmark, and the step profiler.
 
-    python cli.py bench --model-config CONFIG_JSON --batch B --seq T [--loss sft|dpo|grpo] [--steps N]
-
-Both sides get the same random weights (one seeded generator per parameter name, `fill_random_`), the
-same LoRA (rank, alpha, q/k/v/o, A from one seeded Kaiming init as PEFT's, B zero), the same batch
-(random ids; the first `prompt_frac` of each row is prompt, the rest is scored), the same loss from
-`losses` (SFT on the HF side through its own `labels=` cross-entropy, the usual way), AdamW with the
-same settings plus global-norm clipping at 1.0, and the same precision (fp32 on CPU, bf16 on CUDA).
-Equal losses on both sides, step after step, show that they compute the same thing.
-
-Each side lives in its own spawned process, built once, so its peak memory is its own: peak resident
-set (the kernel's high-water mark) on CPU, `torch.cuda.max_memory_allocated` on CUDA. The parent then
-asks the two for steps in turn (engine, hf, hf, engine, ...) so that load drift on a shared machine
-hits both alike, and reports medians. The HF side lives in benchmarks/bench_train.py (transformers
-and peft are benchmark-only dependencies).
+`python cli.py bench` (the side-by-side harness and the transformers + PEFT side live in
+benchmarks/bench_train.py: transformers and peft are benchmark-only dependencies) and
+`python cli.py profile --train-step` are built from these pieces: a `BenchSpec`; random weights
+that both sides draw identically (`random_tensor`: one seeded generator per parameter name); the
+synthetic batch (random ids, the first `prompt_frac` of each row prompt, the rest scored); and
+`EngineRunner`, the engine's training step composed from the trainer's pieces (model + LoRA,
+token log-probs, a loss from `losses`, AdamW with global-norm clipping at 1.0).
 
 FLOPs per step (for MFU): 4 N_lin per token (frozen base: forward 2N, backward input-gradient 2N, no
 weight gradient), 6 per LoRA parameter per token, the LM head 4 V H per *scored* token, and causal
@@ -22,17 +15,14 @@ attention 6 L heads head_dim T (T + 1) per row (forward and backward of QK^T and
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import multiprocessing as mp
+import math
 import os
 import resource
 import statistics
-import sys
 import time
-import traceback
 import zlib
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -47,8 +37,6 @@ from .lora import LoRAConfig, apply_lora
 from .model import Qwen3ForCausalLM
 from .optim import AdamW
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SIDES = ("engine", "hf")
 BENCH_LOSSES = ("sft", "dpo", "grpo")
 # Dense bf16 peaks from the datasheets (FLOP/s), by device-name substring, most specific first.
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12))
@@ -162,7 +150,6 @@ def loss_of(spec: BenchSpec, logps: torch.Tensor, batch: dict[str, torch.Tensor]
 
 def init_lora_a(shapes: list[tuple[int, int]], seed: int) -> list[torch.Tensor]:
     """The A matrices `apply_lora(model, cfg, seed)` draws, in module order (for the HF side)."""
-    import math
     gen = torch.Generator().manual_seed(seed)
     out = []
     for shape in shapes:
@@ -214,22 +201,8 @@ class EngineRunner:
         return float(loss.detach())
 
 
-def _hf_side():
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    try:
-        return importlib.import_module("benchmarks.bench_train")
-    except ImportError as e:
-        raise EngineError(f"the transformers + PEFT side needs benchmarks/bench_train.py, transformers and "
-                          f"peft ({e})") from None
-
-
-def make_runner(side: str, spec: BenchSpec):
-    return EngineRunner(spec) if side == "engine" else _hf_side().HFRunner(spec)
-
-
-# ---- memory and timing in a worker ------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
+# ---- memory and timing ----------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -266,100 +239,7 @@ def memory_report(device: torch.device) -> dict[str, float]:
             "step_peak": hwm * 1024 if hwm is not None else None, "now": (_proc_status_kb("VmRSS") or 0) * 1024}
 
 
-def _is_oom(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in text or \
-        "can't allocate memory" in text or "failed to allocate" in text
-
-
-def _worker(side: str, spec_dict: dict[str, Any], conn) -> None:
-    """A spawned process holding one side: replies to ("step", None), ("seq", T), ("stop", None)."""
-    try:
-        spec = BenchSpec(**spec_dict)
-        if spec.cpu_mem_limit_gb and spec.torch_device.type == "cpu":
-            # Allocations past the limit fail (and are reported as out of memory) instead of the
-            # kernel's OOM killer hitting this or another process of the shared machine.
-            limit = int(spec.cpu_mem_limit_gb * 2**30)
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        if spec.threads:
-            torch.set_num_threads(spec.threads)
-        device = spec.torch_device
-        t0 = time.perf_counter()
-        runner = make_runner(side, spec)
-        vocab = spec.config().vocab_size
-        batch = make_batch(spec, vocab)
-        _sync(device)
-        build = {"build_s": time.perf_counter() - t0, "threads": torch.get_num_threads(), **{f"built_{k}": v for k, v in memory_report(device).items()}}
-        build_peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        reset_peak(device)
-        conn.send(("ready", build))
-        while True:
-            cmd, arg = conn.recv()
-            if cmd == "stop":
-                report = memory_report(device)
-                if build_peak is not None:
-                    report["peak"] = max(build_peak, report["step_peak"])
-                conn.send(("ok", report))
-                return
-            try:
-                if cmd == "seq":
-                    batch = None
-                    reset_peak(device)
-                    batch = make_batch(spec, vocab, seq=arg)
-                _sync(device)
-                t, cpu = time.perf_counter(), time.process_time()
-                loss = runner.step(batch)
-                _sync(device)
-                conn.send(("ok", {"s": time.perf_counter() - t, "cpu_s": time.process_time() - cpu, "loss": loss,
-                                  "step_peak": memory_report(device)["step_peak"]}))
-            except (torch.cuda.OutOfMemoryError, MemoryError, RuntimeError) as e:
-                if not _is_oom(e):
-                    raise
-                runner.optimizer.zero_grad()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-                conn.send(("oom", str(e).splitlines()[0][:200]))
-    except BaseException:  # noqa: BLE001 - the parent reports it
-        conn.send(("error", traceback.format_exc()))
-
-
-class Worker:
-    def __init__(self, side: str, spec: BenchSpec) -> None:
-        self.side = side
-        ctx = mp.get_context("spawn")  # a fresh process: its memory is this side's alone
-        self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(side, dataclasses.asdict(spec), child), daemon=True)
-        self.proc.start()
-        child.close()
-        self.ready: dict = {}
-
-    def wait_ready(self) -> "Worker":
-        self.ready = self._reply("ready")
-        return self
-
-    def _reply(self, expect: str = "ok") -> Any:
-        try:
-            kind, payload = self.conn.recv()
-        except EOFError:
-            self.proc.join(5)
-            raise RuntimeError(f"{self.side} worker died (exit code {self.proc.exitcode}; killed for memory?)") from None
-        if kind == "error":
-            raise RuntimeError(f"{self.side} worker failed:\n{payload}")
-        if kind == "oom":
-            return {"oom": payload}
-        return payload
-
-    def ask(self, cmd: str, arg: Any = None) -> Any:
-        self.conn.send((cmd, arg))
-        return self._reply()
-
-    def stop(self) -> dict:
-        report = self.ask("stop")
-        self.proc.join(30)
-        return report
-
-
-# ---- the comparison ---------------------------------------------------------------------------------
+# ---- FLOPs --------------------------------------------------------------------------------------------
 def step_flops(spec: BenchSpec, cfg: Qwen3Config, seq: int | None = None) -> float:
     """Model FLOPs of one training step (module docstring)."""
     T = seq or spec.seq
@@ -375,145 +255,18 @@ def step_flops(spec: BenchSpec, cfg: Qwen3Config, seq: int | None = None) -> flo
 def device_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    name = torch.cuda.getdevice_name(device)
     return next((peak for key, peak in PEAK_BF16 if key in name), None)
 
 
-def run_bench(spec: BenchSpec, sides: tuple[str, ...] = SIDES, log: Callable[[str], None] = print) -> dict:
-    """Build each side in its own process, alternate timed steps, return the results (see `format_table`)."""
-    load_before = os.getloadavg()
-    workers: dict[str, Worker] = {}
-    try:
-        log(f"building {' and '.join(sides)} (one process each, in parallel) ...")
-        for side in sides:
-            workers[side] = Worker(side, spec)
-        for w in workers.values():
-            w.wait_ready()
-        times: dict[str, list[float]] = {s: [] for s in sides}
-        cpu_times: dict[str, list[float]] = {s: [] for s in sides}
-        losses_seen: dict[str, list[float]] = {s: [] for s in sides}
-        for rnd in range(spec.warmup + spec.steps):
-            for side in (sides if rnd % 2 == 0 else sides[::-1]):
-                r = workers[side].ask("step")
-                if "oom" in r:
-                    raise RuntimeError(f"{side} ran out of memory: {r['oom']}")
-                losses_seen[side].append(r["loss"])
-                if rnd >= spec.warmup:
-                    times[side].append(r["s"])
-                    cpu_times[side].append(r["cpu_s"])
-                log(f"  step {rnd + 1} {side}: {r['s']:.3f} s ({r['cpu_s']:.3f} s CPU), loss {r['loss']:.6f}"
-                    + ("" if rnd >= spec.warmup else " (warm-up)"))
-        memory = {side: w.stop() for side, w in workers.items()}
-    finally:
-        for w in workers.values():
-            if w.proc.is_alive():
-                w.proc.kill()
-    cfg = spec.config()
-    flops = step_flops(spec, cfg)
-    peak = device_peak_flops(spec.torch_device)
-    tokens = spec.batch * spec.seq
-    rows = {}
-    for side in sides:
-        med = statistics.median(times[side])
-        rows[side] = {"step_s": med, "min_s": min(times[side]), "max_s": max(times[side]), "tok_s": tokens / med,
-                      "tflops": flops / med / 1e12, "mfu": flops / med / peak if peak else None,
-                      "cpu_s": statistics.median(cpu_times[side]), "losses": losses_seen[side],
-                      "times": times[side], "cpu_times": cpu_times[side],
-                      **workers[side].ready, **memory[side]}
-    result = {"spec": dataclasses.asdict(spec), "device": _device_name(spec.torch_device),
-              "dtype": str(spec.dtype).removeprefix("torch."),
-              "threads": workers[sides[0]].ready["threads"] if workers else torch.get_num_threads(),
-              "load": [load_before, os.getloadavg()], "step_flops": flops, "peak_flops": peak,
-              "tokens": tokens, "rows": rows}
-    if set(sides) == set(SIDES):
-        e, h = rows["engine"], rows["hf"]
-        result["tok_s_ratio"] = e["tok_s"] / h["tok_s"]
-        result["peak_mem_ratio"] = e["peak"] / h["peak"]
-        result["max_loss_diff"] = max(abs(a - b) for a, b in zip(e["losses"], h["losses"]))
-    return result
-
-
-def find_max_seq(spec: BenchSpec, side: str, limit: int, log: Callable[[str], None] = print) -> dict:
-    """The longest sequence (batch spec.batch) one training step of `side` fits in memory: double from
-    spec.seq until a step runs out of memory or `limit` is reached, then bisect to 1/8 of the last
-    doubling. One worker process per side, alone on the device. On CPU give cpu_mem_limit_gb."""
-    if spec.torch_device.type == "cpu" and not spec.cpu_mem_limit_gb:
-        raise EngineError("the CPU search needs a memory cap (--cpu-mem-limit-gb): past it the kernel's OOM "
-                          "killer would hit processes of the whole machine", field="--cpu-mem-limit-gb")
-    worker = Worker(side, spec).wait_ready()
-    tried: dict[int, Any] = {}
-
-    def fits(seq: int) -> bool:
-        if worker.proc.is_alive():
-            try:
-                r = worker.ask("seq", seq)
-            except RuntimeError as e:  # died: killed for memory
-                r = {"oom": str(e).splitlines()[0]}
-        else:
-            r = {"oom": "worker gone"}
-        tried[seq] = r
-        log(f"  {side} seq {seq}: " + (f"out of memory ({r['oom']})" if "oom" in r else
-                                       f"ok, {r['s']:.2f} s, step peak {_gib(r.get('step_peak'))} GiB"))
-        return "oom" not in r
-
-    good, bad, seq = 0, None, spec.seq
-    while seq <= limit and fits(seq):
-        good, seq = seq, seq * 2
-    if seq <= limit:
-        bad = seq
-        step = max(1, (bad - good) // 8)
-        while bad - good > step and worker.proc.is_alive():
-            mid = (good + bad) // 2
-            if fits(mid):
-                good = mid
-            else:
-                bad = mid
-    if worker.proc.is_alive():
-        worker.proc.kill()
-    return {"side": side, "max_seq": good, "first_failure": bad, "limit": limit, "tried": tried}
-
-
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        return torch.cuda.getdevice_name(device)
     return f"cpu ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} cores)"
 
 
-def _gib(n: float | None) -> str:
+def gib(n: float | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
-
-
-def format_table(result: dict) -> str:
-    spec = result["spec"]
-    name = Path(spec["model_config"]).stem
-    scored = spec["seq"] - max(1, int(spec["seq"] * spec["prompt_frac"]))
-    lines = [f"{name}, batch {spec['batch']} x {spec['seq']} tokens ({scored} scored per row), loss "
-             f"{spec['loss']}, LoRA r={spec['rank']} alpha={spec['alpha']:g} on q/k/v/o, {result['dtype']} on "
-             f"{result['device']}, {result['threads']} threads, load {result['load'][0][0]:.2f} -> "
-             f"{result['load'][1][0]:.2f}, {spec['steps']} timed steps after {spec['warmup']} warm-up (alternating)"]
-    head = ("side", "tok/s", "step s (median)", "min-max s", "CPU s", "peak GiB", "step-peak GiB", "built GiB",
-            "TFLOP/s", "MFU", "loss first -> last")
-    cells = []
-    for side, r in result["rows"].items():
-        built = r.get("built_now")
-        cells.append((side, f"{r['tok_s']:.1f}", f"{r['step_s']:.3f}", f"{r['min_s']:.3f}-{r['max_s']:.3f}",
-                      f"{r['cpu_s']:.2f}", _gib(r.get("peak")), _gib(r.get("step_peak")), _gib(built), f"{r['tflops']:.3f}",
-                      "-" if r["mfu"] is None else f"{r['mfu']:.1%}",
-                      f"{r['losses'][0]:.6f} -> {r['losses'][-1]:.6f}"))
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(head)]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)))
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    lines.append(f"FLOPs/step {result['step_flops']:.4g}: 4 N_lin per token (frozen base) + 6 per LoRA param per token "
-                 "+ 4 V H per scored token (LM head) + causal attention 6 L heads head_dim T(T+1) per row"
-                 + (f"; MFU against {result['peak_flops'] / 1e12:.0f} TFLOP/s dense bf16" if result["peak_flops"] else ""))
-    lines.append("CPU s = the worker's CPU time for the step (all its threads; steadier than wall time on a shared "
-                 "machine)")
-    lines.append("peak = the process's whole-life peak (CPU: ru_maxrss of its own child process; CUDA: max "
-                 "allocated); step-peak = since the model was built")
-    if "tok_s_ratio" in result:
-        lines.append(f"max |loss_engine - loss_hf| over all steps: {result['max_loss_diff']:.2e}")
-        lines.append(f"engine/hf tok_s ratio={result['tok_s_ratio']:.3f} peak_mem ratio={result['peak_mem_ratio']:.3f}")
-    return "\n".join(lines)
 
 
 def save_result(result: dict, path: str | os.PathLike) -> None:
@@ -527,7 +280,8 @@ PHASES = ("forward", "log-prob + loss", "log-prob backward", "backward", "optimi
 def profile_train_step(spec: BenchSpec, top_ops: int = 0,
                        log: Callable[[str], None] = print) -> dict:
     """Time one engine training step by phase (wall and CPU time, medians over `reps` after one
-    warm-up; `spec.steps` of them), in this process. With top_ops > 0, also torch.profiler's busiest ops of one more step."""
+    warm-up; `spec.steps` of them), in this process. With top_ops > 0, also torch.profiler's busiest
+    ops of one more step."""
     if spec.threads:
         torch.set_num_threads(spec.threads)
     device = spec.torch_device
@@ -536,11 +290,11 @@ def profile_train_step(spec: BenchSpec, top_ops: int = 0,
     batch = make_batch(spec, spec.config().vocab_size)
     samples: dict[str, list[tuple[float, float]]] = {p: [] for p in PHASES}
     for rep in range(spec.steps + 1):
-        _sync(device)
+        sync(device)
         clock = [time.perf_counter(), time.process_time()]
 
         def mark(phase: str, rep: int = rep) -> None:
-            _sync(device)
+            sync(device)
             now = [time.perf_counter(), time.process_time()]
             if rep > 0:
                 samples[phase].append((now[0] - clock[0], now[1] - clock[1]))
@@ -553,7 +307,7 @@ def profile_train_step(spec: BenchSpec, top_ops: int = 0,
     total = sum(r["ms"] for r in rows)
     for r in rows:
         r["share"] = r["ms"] / total
-    result = {"spec": dataclasses.asdict(spec), "device": _device_name(device), "threads": torch.get_num_threads(),
+    result = {"spec": dataclasses.asdict(spec), "device": device_name(device), "threads": torch.get_num_threads(),
               "load": os.getloadavg(), "phases": rows, "step_ms": total,
               "tok_s": spec.batch * spec.seq / total * 1e3, "step_flops": step_flops(spec, spec.config())}
     if top_ops:
@@ -561,7 +315,7 @@ def profile_train_step(spec: BenchSpec, top_ops: int = 0,
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             runner.step(batch)
-            _sync(device)
+            sync(device)
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         result["ops_table"] = prof.key_averages().table(sort_by=key, row_limit=top_ops, max_name_column_width=48)
     return result

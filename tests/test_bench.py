@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from benchmarks import bench_train
 from cli import main
 from engine import bench
 from engine.errors import EngineError
@@ -82,6 +83,6 @@ def test_bad_input(config_path, tmp_path):
         bench.BenchSpec(model_config=str(config_path), prompt_frac=1.0)
     spec = bench.BenchSpec(model_config=str(config_path), device="cpu")
     with pytest.raises(EngineError, match="cpu-mem-limit"):
-        bench.find_max_seq(spec, "engine", 64)
+        bench_train.find_max_seq(spec, "engine", 64)
     res = CliRunner().invoke(main, ["bench", "--model-config", str(tmp_path / "missing.json")])
     assert res.exit_code == 2 and "not found" in res.output

@@ -1,5 +1,6 @@
 """The hand-written training fast paths equal float64 references, values and gradients, on fresh
-random inputs with odd shapes: RMSNorm, q/k norm + RoPE, SwiGLU, fused LoRA projections and the LM-head log-prob with its Jacobian formed in the forward."""
+random inputs with odd shapes: RMSNorm, q/k norm + RoPE, SwiGLU, fused LoRA projections and the LM-head
+log-prob with its Jacobian formed in the forward."""
 import pytest
 import torch
 import torch.nn.functional as F
