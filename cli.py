@@ -226,6 +226,9 @@ def _bench_options(f):
         click.option("--checkpointing", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
                      help="Engine activation checkpointing (auto = off; see BENCHMARKS.md)."),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--checkpoint-dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16",
+                     show_default=True, help="Precision of the modelled checkpoint (Qwen3 ships bf16): both "
+                     "sides get the same values; on CPU the engine keeps its frozen matrices at it."),
         click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the results here."),
     ]):
         f = option(f)

@@ -59,7 +59,7 @@ class HFRunner:
                 model = Qwen3ForCausalLM(cfg)
         finally:
             torch.set_default_dtype(default)
-        fill_random_(model, spec.seed)
+        fill_random_(model, spec.seed, spec.weights_dtype)
         model = get_peft_model(model, LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=0.0,
                                                  target_modules=TARGETS, bias="none", task_type="CAUSAL_LM"))
         lora = [m for n, m in model.named_modules() if n.rpartition(".")[2] in TARGETS and hasattr(m, "lora_A")]

@@ -11,7 +11,7 @@ from triton_kernels.qkv_proj import qkv_proj
 
 from .config import Qwen3Config
 from .kv_cache import KVCache
-from .layers import RMSNorm, lora_projections, norm_rope
+from .layers import Linear, RMSNorm, lora_projections, norm_rope
 
 
 class Attention(nn.Module):
@@ -23,34 +23,41 @@ class Attention(nn.Module):
         self.head_dim = config.head_dim
         self.eps = config.rms_norm_eps
         # q_proj / o_proj are not square for 0.6B and 4B: heads x head_dim != hidden.
-        self.q_proj = nn.Linear(config.hidden_size, config.q_out, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.kv_out, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.kv_out, bias=False)
-        self.o_proj = nn.Linear(config.q_out, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, config.q_out)
+        self.k_proj = Linear(config.hidden_size, config.kv_out)
+        self.v_proj = Linear(config.hidden_size, config.kv_out)
+        self.o_proj = Linear(config.q_out, config.hidden_size)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, hidden] -> q [B, T, q_out], k, v [B, T, kv_out]. Three active LoRA adapters of one
-        rank and scale run as one fused projection (stacked A: one low-rank GEMM each way)."""
+    def project_qkv(self, x: torch.Tensor, norm: RMSNorm | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> q [B, T, q_out], k, v [B, T, kv_out], after `norm` (the layer's input
+        norm) when given. Three active LoRA adapters of one rank and scale run as one fused projection
+        (stacked A: one low-rank GEMM each way), on CPU with the norm inside it (`lora_projections`)."""
         mods = (self.q_proj, self.k_proj, self.v_proj)
         fusable = all(getattr(m, "enabled", False) and not (m.dropout > 0 and m.training) for m in mods) and \
             len({(m.r, m.scale) for m in mods}) == 1
+        if fusable and not dispatch.use_triton(x, *(m.weight for m in mods)):
+            return lora_projections(x, tuple(m.weight for m in mods), tuple(m.lora_A for m in mods),
+                                    tuple(m.lora_B for m in mods), mods[0].scale,
+                                    norm=(norm.weight, norm.eps) if norm is not None else None)
+        if norm is not None:
+            x = norm(x)
         if not fusable:
             return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if dispatch.use_triton(x, *(m.weight for m in mods)):
-            # One Triton launch for the three frozen GEMMs with their LoRA terms in the epilogue.
-            return qkv_proj(x, tuple(m.weight for m in mods), tuple(m.lora_A.to(x.dtype) for m in mods),
-                            tuple(m.lora_B.to(x.dtype) for m in mods), mods[0].scale)
-        return lora_projections(x, tuple(m.weight for m in mods), tuple(m.lora_A for m in mods),
-                                tuple(m.lora_B for m in mods), mods[0].scale)
+        # One Triton launch for the three frozen GEMMs with their LoRA terms in the epilogue.
+        return qkv_proj(x, tuple(m.weight.to(x.dtype) for m in mods), tuple(m.lora_A.to(x.dtype) for m in mods),
+                        tuple(m.lora_B.to(x.dtype) for m in mods), mods[0].scale)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        """x [B, T, hidden]; cos/sin [B, T, head_dim]; mask [B, 1, T, S] bool (True = attend) or None
-        for plain causal attention over the T positions. Returns [B, T, hidden]."""
+                mask: torch.Tensor | None, kv_cache: KVCache | None = None,
+                norm: RMSNorm | None = None) -> torch.Tensor:
+        """x [B, T, hidden] (normed by `norm` first when given); cos/sin [B, T, head_dim]; mask
+        [B, 1, T, S] bool (True = attend) or None for plain causal attention over the T positions.
+        Returns [B, T, hidden]."""
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
+        q, k, v = self.project_qkv(x, norm)
         q, k = q.view(B, T, self.num_heads, self.head_dim), k.view(B, T, self.num_kv_heads, self.head_dim)
         if dispatch.use_triton(q, k):
             q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.eps)

@@ -60,6 +60,7 @@ class BenchSpec:
     checkpointing: str = "auto"          # engine activation checkpointing: auto | on | off
     hf_checkpointing: bool = False       # HF's gradient_checkpointing_enable()
     cpu_mem_limit_gb: float | None = None  # address-space cap for CPU workers (the --max-seq search)
+    checkpoint_dtype: str = "bfloat16"   # precision of the modelled checkpoint (Qwen3 ships bf16)
 
     def __post_init__(self) -> None:
         if self.loss not in BENCH_LOSSES:
@@ -73,6 +74,9 @@ class BenchSpec:
             raise EngineError(f"prompt_frac must leave scored tokens, got {self.prompt_frac}", field="--prompt-frac")
         if self.checkpointing not in ("auto", "on", "off"):
             raise EngineError(f"expected auto, on or off, got {self.checkpointing!r}", field="--checkpointing")
+        if self.checkpoint_dtype not in ("bfloat16", "float32"):
+            raise EngineError(f"expected bfloat16 or float32, got {self.checkpoint_dtype!r}",
+                              field="--checkpoint-dtype")
         if not Path(self.model_config).is_file():
             raise EngineError("model config not found", path=self.model_config, field="--model-config")
 
@@ -84,6 +88,11 @@ class BenchSpec:
     def dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
 
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The checkpoint's precision: every weight is rounded to it on both sides (identical values)."""
+        return getattr(torch, self.checkpoint_dtype)
+
     def config(self) -> Qwen3Config:
         return Qwen3Config.from_json(self.model_config)
 
@@ -94,30 +103,34 @@ class BenchSpec:
 
 # ---- shared by both sides ---------------------------------------------------------------------------
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, device: torch.device,
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, checkpoint_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The value parameter `name` gets on either side: norms 1 + 0.1 N(0,1), the rest 0.02 N(0,1)
-    (HF's initializer range), drawn in float32 on `device` from a generator seeded by the name."""
+    (HF's initializer range), drawn in float32 on `device` from a generator seeded by the name, and
+    rounded to `checkpoint_dtype` (the precision the modelled checkpoint ships in) before `dtype`."""
     gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
     t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
     t = t.mul_(0.1).add_(1.0) if name.endswith("norm.weight") else t.mul_(0.02)
-    return t.to(dtype)
+    return t.to(checkpoint_dtype).to(dtype)
 
 
-def fill_random_(model: torch.nn.Module, seed: int) -> None:
+def fill_random_(model: torch.nn.Module, seed: int, checkpoint_dtype: torch.dtype = torch.float32) -> None:
     """Overwrite every parameter of an HF-named Qwen3 model in place with `random_tensor`."""
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p.copy_(random_tensor(name, tuple(p.shape), seed, p.device, p.dtype))
+            p.copy_(random_tensor(name, tuple(p.shape), seed, p.device, p.dtype, checkpoint_dtype))
 
 
-def random_engine_model(config: Qwen3Config, seed: int, device: torch.device,
-                        dtype: torch.dtype) -> Qwen3ForCausalLM:
-    """An engine model whose weights are generated in place (no init pass, no second copy)."""
+def random_engine_model(config: Qwen3Config, seed: int, device: torch.device, dtype: torch.dtype,
+                        checkpoint_dtype: torch.dtype = torch.float32,
+                        compact_frozen: bool = False) -> Qwen3ForCausalLM:
+    """An engine model whose weights are generated in place (no init pass, no second copy); with
+    compact_frozen, matrices stay in checkpoint_dtype as `load_model(compact_frozen=True)` keeps them."""
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
     for name, p in list(model.named_parameters()):
         module_name, _, attr = name.rpartition(".")
-        t = random_tensor(name, tuple(p.shape), seed, device, dtype)
+        keep = compact_frozen and p.dim() == 2 and checkpoint_dtype.itemsize < dtype.itemsize
+        t = random_tensor(name, tuple(p.shape), seed, device, checkpoint_dtype if keep else dtype, checkpoint_dtype)
         model.get_submodule(module_name)._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -166,7 +179,10 @@ class EngineRunner:
 
     def __init__(self, spec: BenchSpec) -> None:
         self.spec = spec
-        self.model = random_engine_model(spec.config(), spec.seed, spec.torch_device, spec.dtype)
+        # As the trainer loads a checkpoint: matrices kept at the checkpoint's precision for float32 on CPU.
+        compact = spec.torch_device.type == "cpu" and spec.dtype == torch.float32
+        self.model = random_engine_model(spec.config(), spec.seed, spec.torch_device, spec.dtype,
+                                         spec.weights_dtype, compact_frozen=compact)
         apply_lora(self.model, LoRAConfig(r=spec.rank, alpha=spec.alpha), seed=spec.seed)
         self.model.gradient_checkpointing = spec.engine_checkpointing()
         self.model.train()

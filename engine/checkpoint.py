@@ -85,8 +85,10 @@ def _weight_files(model_dir: Path) -> list[Path]:
 
 
 def load_state_into(model: torch.nn.Module, files: list[Path], dtype: torch.dtype,
-                    device: torch.device) -> None:
-    """Read every tensor of `files` into the matching parameter of `model`, checking names and shapes."""
+                    device: torch.device, compact_frozen: bool = False) -> None:
+    """Read every tensor of `files` into the matching parameter of `model`, checking names and shapes.
+    compact_frozen: matrices stored narrower than `dtype` (bf16 in a Qwen3 checkpoint) stay as stored
+    (`Qwen3ForCausalLM.compact_frozen_weights`: lossless, cast per product), norms go to `dtype`."""
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     expected = {n for n in params if not (tied and n == "lm_head.weight")}
@@ -107,7 +109,10 @@ def load_state_into(model: torch.nn.Module, files: list[Path], dtype: torch.dtyp
                     if shape != tuple(p.shape):
                         raise EngineError(f"tensor {name!r} has shape {list(shape)}, expected "
                                           f"{list(p.shape)} from config.json", path=f)
-                    t = sf.get_tensor(name).to(device=device, dtype=dtype)
+                    t = sf.get_tensor(name)
+                    keep = compact_frozen and t.dim() == 2 and t.is_floating_point() and \
+                        t.element_size() < dtype.itemsize
+                    t = t.to(device=device) if keep else t.to(device=device, dtype=dtype)
                     _assign(model, name, t)
                     seen.add(name)
         except SafetensorError as e:
@@ -128,9 +133,10 @@ def _assign(model: torch.nn.Module, name: str, t: torch.Tensor) -> None:
 
 def load_model(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | None = None,
                device: torch.device | str | None = None, adapter: str | os.PathLike | None = None,
-               ) -> Qwen3ForCausalLM:
+               compact_frozen: bool = False) -> Qwen3ForCausalLM:
     """Load a Qwen3 checkpoint directory (or hub id) into a frozen engine model, optionally with a
-    PEFT LoRA adapter applied (unmerged)."""
+    PEFT LoRA adapter applied (unmerged). compact_frozen: keep the weight matrices in the checkpoint's
+    narrower dtype under `dtype` compute (LoRA training in float32 on CPU; see `load_state_into`)."""
     model_dir = resolve_model_dir(path_or_repo_id)
     config = Qwen3Config.from_json(model_dir / "config.json")
     device = torch.device(device) if device is not None else default_device()
@@ -138,7 +144,7 @@ def load_model(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | None 
     files = _weight_files(model_dir)
     with torch.device("meta"):
         model = Qwen3ForCausalLM(config)
-    load_state_into(model, files, dtype, device)
+    load_state_into(model, files, dtype, device, compact_frozen)
     model.name_or_path = str(path_or_repo_id)
     model.eval()
     if adapter is not None:

@@ -12,6 +12,7 @@ machine costs ~15 ms per op (BENCHMARKS.md), far more than the op's own work.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Iterator
 
 import torch
@@ -38,6 +39,11 @@ def _rstd(x32: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x32.shape[-1]).add_(eps).rsqrt_()
 
 
+def _normed(h: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """rmsnorm(h) * weight from a known rstd, float32 math, in h's dtype (as `rms_norm`)."""
+    return (h.float() * rstd).mul_(weight.float()).to(h.dtype)
+
+
 def _norm_backward(dn: torch.Tensor, x32: torch.Tensor, rstd: torch.Tensor, w32: torch.Tensor,
                    want_weight: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Given dL/dn for n = xhat * w (xhat = x * rstd): dx = rstd (dn w - xhat mean(dn w xhat)), and dw
@@ -53,10 +59,9 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         with serial(x):
-            x32 = x.float()
-            rstd = _rstd(x32, eps)
+            rstd = _rstd(x.float(), eps)
             ctx.save_for_backward(x, weight, rstd)
-            return (x32 * rstd).mul_(weight.float()).to(x.dtype)
+            return _normed(x, rstd, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -183,32 +188,102 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return _SwiGLU.apply(gate, up)
 
 
+_cast_workspace = threading.local()
+CAST_WORKSPACE_MAX_BYTES = 64 * 2**20
+
+
+def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`weight` in `dtype` for one product. A narrow-stored (compacted) weight is copied into one
+    reused per-thread buffer (sized by the largest weight so far): valid until the next cast on this
+    thread, so use it at once. A fresh tensor per cast would cost page faults and heap growth on CPU."""
+    if weight.dtype == dtype:
+        return weight
+    if weight.numel() * dtype.itemsize > CAST_WORKSPACE_MAX_BYTES:  # e.g. a whole LM head: not kept
+        return weight.to(dtype)
+    return workspace(weight.numel(), dtype, weight.device).view(weight.shape).copy_(weight)
+
+
+def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat per-thread scratch tensor of at least `numel` elements (its first `numel` returned),
+    shared by every `cast_weight` of this thread, dtype and device."""
+    buffers = _cast_workspace.__dict__.setdefault("buffers", {})
+    buf = buffers.get((dtype, device))
+    if buf is None or buf.numel() < numel:
+        buffers[(dtype, device)] = buf = None
+        buffers[(dtype, device)] = buf = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+class _CastLinear(torch.autograd.Function):
+    """x W^T with a frozen W stored in another dtype (e.g. bf16 as the checkpoint ships it, under float32
+    compute): W is cast for the product and again in the backward, so no compute-dtype copy of it
+    outlives the GEMM (autograd would save the cast copy until the backward)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return F.linear(x, cast_weight(weight, x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        return (torch.matmul(grad, cast_weight(weight, grad.dtype)) if ctx.needs_input_grad[0] else None), None
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., in] @ weight [out, in]^T in x's dtype. A frozen weight kept in a narrower storage dtype
+    (`Qwen3ForCausalLM.compact_frozen_weights`) is cast per call; a trainable one must match x."""
+    if weight.dtype == x.dtype or weight.requires_grad:
+        return F.linear(x, weight)
+    return _CastLinear.apply(x, weight)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (no bias) whose frozen weight may be stored in another dtype than the compute (`linear`)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight)
+
+
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate)
+        self.up_proj = Linear(hidden, intermediate)
+        self.down_proj = Linear(intermediate, hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class _LoRAProjections(torch.autograd.Function):
-    """Several LoRA linears sharing one input: y_s = x W_s^T + scale (x A_s^T) B_s^T, s = 1..K.
+    """Several LoRA linears sharing one input: y_s = x W_s^T + scale (x A_s^T) B_s^T, s = 1..K,
+    optionally with an RMSNorm in front (x = rmsnorm(h) * w_norm, the layer's input norm).
 
     The A's are stacked so x A_cat^T is one GEMM; each y_s is its base GEMM with the low-rank term
     added in place (addmm_). Backward: dx = sum_s dy_s W_s + scale [dy_1 B_1 | ...] A_cat accumulates
     in one buffer (addmm_), dA_cat = scale (dy B)^T x is one GEMM, dB_s = scale dy_s^T xa_s.
+    With the norm, h and its rstd are saved instead of x (x is recomputed in the backward: one cheap
+    pass instead of keeping a [tokens, hidden] tensor per layer; h is saved by the residual anyway).
     Compute dtype is x's; dA, dB come back in the adapters' dtypes. W's are frozen.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float, count: int, *tensors: torch.Tensor):
-        weights, lora_as, lora_bs = tensors[:count], tensors[count:2 * count], tensors[2 * count:]
+    def forward(ctx, x: torch.Tensor, scale: float, count: int, eps: float, *tensors: torch.Tensor):
+        norm_w = tensors[-1] if len(tensors) > 3 * count else None
+        weights, lora_as, lora_bs = tensors[:count], tensors[count:2 * count], tensors[2 * count:3 * count]
         dtype, r = x.dtype, lora_as[0].shape[0]
+        rstd = None
+        if norm_w is not None:
+            h = x
+            with serial(h):
+                rstd = _rstd(h.float(), eps)
+                x = _normed(h, rstd, norm_w)
         x2 = x.reshape(-1, x.shape[-1])
         a_cat = torch.cat([a.to(dtype) for a in lora_as]) if count > 1 else lora_as[0].to(dtype)
         bs = [b.to(dtype) for b in lora_bs]
@@ -216,31 +291,45 @@ class _LoRAProjections(torch.autograd.Function):
             xa = torch.mm(x2, a_cat.t())
         outs = []
         for s, (w, b) in enumerate(zip(weights, bs)):
-            y = torch.mm(x2, w.to(dtype).t())
+            y = torch.mm(x2, cast_weight(w, dtype).t())
             with serial(x):
                 y.addmm_(xa[:, s * r:(s + 1) * r], b.t(), alpha=scale)
             outs.append(y.view(*x.shape[:-1], w.shape[0]))
-        ctx.save_for_backward(x2, xa, a_cat, *weights, *bs)
-        ctx.scale, ctx.count, ctx.r, ctx.x_shape = scale, count, r, x.shape
+        if norm_w is not None:
+            ctx.save_for_backward(h, rstd, norm_w, xa, a_cat, *weights, *bs)
+        else:
+            ctx.save_for_backward(x2, xa, a_cat, *weights, *bs)
+        ctx.scale, ctx.count, ctx.r, ctx.x_shape, ctx.norm = scale, count, r, x.shape, norm_w is not None
         ctx.param_dtypes = [t.dtype for t in tensors]
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
-        x2, xa, a_cat, *rest = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        if ctx.norm:
+            h, rstd, norm_w, xa, a_cat, *rest = saved
+            with serial(h):
+                x2 = _normed(h, rstd, norm_w).reshape(-1, h.shape[-1])
+        else:
+            x2, xa, a_cat, *rest = saved
         count, r, scale = ctx.count, ctx.r, ctx.scale
         weights, bs = rest[:count], rest[count:]
         dys = [torch.zeros(x2.shape[0], w.shape[0], dtype=x2.dtype, device=x2.device) if g is None
                else g.reshape(-1, w.shape[0]).to(x2.dtype) for g, w in zip(grads, weights)]
         with serial(x2):  # the low-rank products are small: one thread each
             dyb = torch.cat([torch.mm(dy, b) for dy, b in zip(dys, bs)], 1) if count > 1 else torch.mm(dys[0], bs[0])
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.mm(dys[0], weights[0].to(x2.dtype))
+        dx = d_norm_w = None
+        want_norm_w = ctx.norm and ctx.needs_input_grad[4 + 3 * count]
+        if ctx.needs_input_grad[0] or want_norm_w:
+            dx = torch.mm(dys[0], cast_weight(weights[0], x2.dtype))
             for dy, w in zip(dys[1:], weights[1:]):
-                dx.addmm_(dy, w.to(x2.dtype))
+                dx.addmm_(dy, cast_weight(w, x2.dtype))
             with serial(x2):
                 dx = dx.addmm_(dyb, a_cat, alpha=scale).view(ctx.x_shape)
+                if ctx.norm:
+                    dx, d_norm_w = _norm_backward(dx.float(), h.float(), rstd, norm_w.float(), want_norm_w)
+                    dx = dx.to(h.dtype) if ctx.needs_input_grad[0] else None
+                    d_norm_w = d_norm_w.to(norm_w.dtype) if d_norm_w is not None else None
         with serial(x2):
             da_cat = torch.mm(dyb.t(), x2).mul_(scale)
             das = [da_cat[s * r:(s + 1) * r] for s in range(count)]
@@ -248,11 +337,15 @@ class _LoRAProjections(torch.autograd.Function):
         dtypes = ctx.param_dtypes
         grads_out = [None] * count + [d.to(dtypes[count + i]) for i, d in enumerate(das)] + \
             [d.to(dtypes[2 * count + i]) for i, d in enumerate(dbs)]
-        return (dx, None, None, *grads_out)
+        return (dx, None, None, None, *grads_out, *([d_norm_w] if ctx.norm else []))
 
 
 def lora_projections(x: torch.Tensor, weights: tuple[torch.Tensor, ...], lora_as: tuple[torch.Tensor, ...],
-                     lora_bs: tuple[torch.Tensor, ...], scale: float) -> tuple[torch.Tensor, ...]:
+                     lora_bs: tuple[torch.Tensor, ...], scale: float,
+                     norm: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, ...]:
     """x [..., in] -> K outputs [..., out_s] = x W_s^T + scale (x A_s^T) B_s^T; weights frozen [out_s, in],
-    lora_as [r, in] (one shared r), lora_bs [out_s, r]. Gradients for x and every A, B."""
-    return _LoRAProjections.apply(x, float(scale), len(weights), *weights, *lora_as, *lora_bs)
+    lora_as [r, in] (one shared r), lora_bs [out_s, r]. Gradients for x and every A, B.
+    norm=(weight [in], eps): x is first RMS-normed (`rms_norm(x, weight, eps)`), inside the same node."""
+    extra = (norm[0],) if norm is not None else ()
+    eps = float(norm[1]) if norm is not None else 0.0
+    return _LoRAProjections.apply(x, float(scale), len(weights), eps, *weights, *lora_as, *lora_bs, *extra)

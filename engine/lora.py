@@ -21,10 +21,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from triton_kernels import dispatch
 from triton_kernels.lora_linear import lora_linear
 
 from .errors import EngineError, is_finite_number
 from .fsio import atomic_dir
+from .layers import Linear, linear, lora_projections
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR_TARGETS = ATTENTION_TARGETS + ("gate_proj", "up_proj", "down_proj")
@@ -72,12 +74,15 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
-            return F.linear(x, self.weight)
+            return linear(x, self.weight)
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         if self.dropout > 0 and self.training:
-            return F.linear(x, self.weight) + self.scale * F.linear(
+            return linear(x, self.weight) + self.scale * F.linear(
                 F.linear(F.dropout(x, self.dropout, True), a), b)
-        return lora_linear(x, self.weight, a, b, self.scale)
+        if dispatch.use_triton(x, self.weight, a, b):
+            return lora_linear(x, self.weight.to(x.dtype), a, b, self.scale)
+        # The engine's CPU path (as for q/k/v): saves the stored weight, never a cast copy of it.
+        return lora_projections(x, (self.weight,), (self.lora_A,), (self.lora_B,), self.scale)[0]
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B A, [out, in] in float32."""
@@ -257,13 +262,17 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
 def merge_adapter(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight (W += scale B A) and drop the LoRA modules: one call
     for export (then `engine.save_model`)."""
+    # A compacted (narrow-stored) base weight merges into the compute dtype: rounding the merged
+    # weight back to bf16 would lose the adapter's small update.
+    dtype = getattr(model, "dtype", None)
     for name, m in lora_modules(model).items():
-        linear = nn.Linear(m.in_features, m.out_features, bias=False, device="meta")
+        with torch.device("meta"):
+            merged_linear = Linear(m.in_features, m.out_features)
         with torch.no_grad():
-            merged = (m.weight.float() + m.delta_weight().to(m.weight.device)).to(m.weight.dtype)
-        linear.weight = nn.Parameter(merged, requires_grad=False)
+            merged = (m.weight.float() + m.delta_weight().to(m.weight.device)).to(dtype or m.weight.dtype)
+        merged_linear.weight = nn.Parameter(merged, requires_grad=False)
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, linear)
+        setattr(model.get_submodule(parent), attr, merged_linear)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention
 from .config import Qwen3Config
 from .kv_cache import KVCache
-from .layers import MLP, RMSNorm, RotaryEmbedding, serial
+from .layers import MLP, Linear, RMSNorm, RotaryEmbedding, serial
 
 
 @dataclasses.dataclass
@@ -35,7 +35,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, kv_cache: KVCache | None = None) -> torch.Tensor:
-        a = self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache)
+        a = self.self_attn(h, cos, sin, mask, kv_cache, norm=self.input_layernorm)
         with serial(h):  # residual adds are small: one thread (engine/layers.py, `serial`)
             h = h + a
         m = self.mlp(self.post_attention_layernorm(h))
@@ -96,7 +96,7 @@ class Qwen3ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = Qwen3Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
@@ -119,7 +119,7 @@ class Qwen3ForCausalLM(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-        h = self.model.embed_tokens(input_ids)
+        h = self.model.embed_tokens(input_ids).to(self.dtype)  # a no-op unless the table is compacted
         cos, sin = self.rotary.cos_sin(position_ids, h.dtype)
         mask = build_attention_mask(attention_mask, T, past)
         states = [h] if output_hidden_states else None
@@ -155,4 +155,37 @@ class Qwen3ForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The compute dtype (activations, KV cache). The final norm's weight is never compacted."""
+        return self.model.norm.weight.dtype
+
+    def compacted_bytes(self) -> int:
+        """Bytes the narrow-stored matrices save against storing them in the compute dtype."""
+        tensors = {id(p): p for p in self.parameters() if p.dtype != self.dtype and p.is_floating_point()}
+        return sum(p.numel() * (self.dtype.itemsize - p.element_size()) for p in tensors.values())
+
+    def compact_frozen_weights(self, storage: torch.dtype = torch.bfloat16) -> int:
+        """Store every frozen matrix (projections, embedding, LM head) whose values `storage` holds
+        exactly in `storage`; return the bytes freed. Lossless by construction: a bf16 checkpoint loaded
+        for float32 compute on CPU keeps its weights at 2 bytes each and every product stays float32
+        (the weight is cast per GEMM, `layers.linear`), with bit-identical results. Weights that are not
+        exactly representable (an fp32-trained model), trainable ones and 1-D ones stay as they are."""
+        groups: dict[int, list[str]] = {}  # one entry per tensor; tied names share it
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if name.endswith(".weight") and p.dim() == 2 and not p.requires_grad:
+                groups.setdefault(id(p), []).append(name)
+        freed = 0
+        for names in groups.values():  # names only: each old tensor is freed as soon as it is replaced
+            w = self.get_parameter(names[0])
+            if w.element_size() <= torch.finfo(storage).bits // 8:
+                continue
+            with torch.no_grad():
+                narrow = w.to(storage)
+                if not torch.equal(narrow.to(w.dtype), w):
+                    continue
+            param = nn.Parameter(narrow, requires_grad=False)
+            for name in names:
+                module, _, attr = name.rpartition(".")
+                self.get_submodule(module)._parameters[attr] = param
+            freed += w.numel() * (w.element_size() - narrow.element_size())
+            del w
+        return freed

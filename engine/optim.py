@@ -41,6 +41,7 @@ from engine.fsio import atomic_file, write_json
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _ALIGN = 32  # elements; 64 B for bf16, 128 B for float32
+SCRATCH_ELEMS = 2**20  # the step's denominator scratch: a chunk, not a copy of the whole state
 _FORMAT = "engine.optim.AdamW/1"
 _GROUP_KEYS = {"params", "lr", "weight_decay", "betas", "eps", "name"}
 STATE_FILE, META_FILE = "optimizer.safetensors", "optimizer.json"
@@ -97,7 +98,7 @@ class _Bucket:
     flat_grad: torch.Tensor          # gradients, param dtype (autograd writes here)
     exp_avg: torch.Tensor            # state dtype (float32 for bf16/fp16, else param dtype)
     exp_avg_sq: torch.Tensor
-    scratch: torch.Tensor            # state dtype: the denominator, reused every step
+    scratch: torch.Tensor            # state dtype: the denominator of one chunk, reused
     master: torch.Tensor | None = None       # float32 master for low-precision params
     grad32: torch.Tensor | None = None       # float32 upcast of the grads for low precision
     views: list[torch.Tensor] = field(default_factory=list)
@@ -117,7 +118,7 @@ def _make_bucket(group: int, params: list[torch.Tensor]) -> _Bucket:
     state_dtype = torch.float32 if dtype in _LOW_PRECISION else dtype
     zeros = lambda dt: torch.zeros(total, dtype=dt, device=device)  # noqa: E731
     b = _Bucket(group, params, offsets, zeros(dtype), zeros(dtype), zeros(state_dtype),
-                zeros(state_dtype), zeros(state_dtype))
+                zeros(state_dtype), torch.empty(min(total, SCRATCH_ELEMS), dtype=state_dtype, device=device))
     with torch.no_grad():
         for p, off in zip(params, offsets):
             view = b.flat[off:off + p.numel()].view(p.shape)
@@ -266,8 +267,12 @@ class AdamW:
             b.exp_avg.lerp_(grad, 1 - beta1)
             b.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
             step_size = lr / (1 - beta1 ** t)
-            denom = torch.sqrt(b.exp_avg_sq, out=b.scratch).div_((1 - beta2 ** t) ** 0.5).add_(eps)
-            param.addcdiv_(b.exp_avg, denom, value=-step_size)
+            bias2 = (1 - beta2 ** t) ** 0.5
+            for s0 in range(0, param.numel(), b.scratch.numel()):  # the denominator, a chunk at a time
+                sl = slice(s0, s0 + b.scratch.numel())
+                v = b.exp_avg_sq[sl]
+                denom = torch.sqrt(v, out=b.scratch[:v.numel()]).div_(bias2).add_(eps)
+                param[sl].addcdiv_(b.exp_avg[sl], denom, value=-step_size)
             if b.master is not None:
                 b.flat.copy_(b.master)
         self._grad_scale = 1.0

@@ -98,7 +98,12 @@ class Trainer:
         dtype = DTYPES[cfg.dtype] if cfg.dtype else None
         self.fsdp = cfg.fsdp and self.dist.enabled
         # FSDP: load on the host, shard, and let fully_shard move each rank's shards to its device.
-        self.model = load_model(cfg.model, dtype=dtype, device="cpu" if self.fsdp else device)
+        # LoRA training in float32 on CPU from a bf16 checkpoint: the frozen base stays at 2 bytes per
+        # weight (lossless, bit-identical steps; it halves the resident model, BENCHMARKS.md).
+        compact = not cfg.full_finetune and not self.fsdp and torch.device(device or default_device()).type == "cpu" and \
+            dtype in (None, torch.float32)
+        self.model = load_model(cfg.model, dtype=dtype, device="cpu" if self.fsdp else device,
+                                compact_frozen=compact)
         self.device = self.model.device
         self.tokenizer = load_tokenizer(cfg.model)
         max_ctx = self.model.config.max_position_embeddings
@@ -132,6 +137,7 @@ class Trainer:
                                               target_modules=tuple(cfg.lora_targets), use_rslora=cfg.use_rslora),
                        seed=cfg.seed)
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
+        self.compacted_bytes = self.model.compacted_bytes()
         if self.fsdp:
             distributed.shard_frozen_base(self.dist, self.model, device or default_device())
             self.device = device or default_device()
@@ -271,7 +277,7 @@ class Trainer:
                                  "data": self.data_stats, "skipped_lines": self.skipped.count,
                                  "units": len(self.units.rows), "rft_dedup_dropped": self.dedup_dropped,
                                  "world_size": self.dist.world_size, "fsdp": self.fsdp,
-                                 "config": cfg.to_dict()})
+                                 "compacted_frozen_bytes": self.compacted_bytes, "config": cfg.to_dict()})
         distributed.on_main(self.dist, open_log)
         metrics = opened.get("log")
         bar = tqdm(range(self.start_step, cfg.steps), initial=self.start_step, total=cfg.steps,

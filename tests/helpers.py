@@ -54,16 +54,17 @@ def write_config(path: Path, cfg: dict) -> None:
     (path / "config.json").write_text(json.dumps(cfg))
 
 
-def tiny_model_dir(path: Path, seed: int = 0, **overrides) -> Path:
+def tiny_model_dir(path: Path, seed: int = 0, weights_dtype: torch.dtype = torch.float32, **overrides) -> Path:
     """A random-weight tiny Qwen3 with a small byte-level BPE tokenizer (Qwen chat tokens included),
-    trained on addition texts like those of `write_rollouts`: small vocab keeps training tests fast."""
+    trained on addition texts like those of `write_rollouts`: small vocab keeps training tests fast.
+    weights_dtype=torch.bfloat16 writes the checkpoint as Qwen3's ship (bf16)."""
     from engine.tiny_tokenizer import train_tokenizer
     texts = [f"What is {a} + {b}? We add {a} and {b}. Then #### {a + b}" for a in range(1, 60) for b in (3, 17, 42)]
     tok = train_tokenizer(texts, 300, path)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     cfg = tiny_config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, **overrides)
-    save_hf(hf_model(cfg, seed=seed), path)
+    save_hf(hf_model(cfg, seed=seed).to(weights_dtype), path)
     return path
 
 

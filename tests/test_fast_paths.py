@@ -61,20 +61,26 @@ def test_swiglu():
 
 
 @pytest.mark.parametrize("outs", [(13,), (10, 6, 6)])
-def test_lora_projections(outs):
+@pytest.mark.parametrize("with_norm", [False, True])
+def test_lora_projections(outs, with_norm):
+    """With the input RMSNorm fused in: the gradient reaches h through the norm, and the norm's weight."""
     r, d_in = 3, 9
-    x = torch.randn(2, 5, d_in)
+    x = torch.randn(2, 5, d_in) * (3.0 if with_norm else 1.0)
     ws = [torch.randn(o, d_in) for o in outs]
     As = [torch.randn(r, d_in) for _ in outs]
     Bs = [torch.randn(o, r) for o in outs]
-    K = len(outs)
+    norm_w = [1.0 + 0.3 * torch.randn(d_in)] if with_norm else []
+    K, eps = len(outs), 1e-5
 
     def fn(x, *p):
-        return layers.lora_projections(x, tuple(ws), p[:K], p[K:], 1.7)
+        norm = (p[2 * K], eps) if with_norm else None
+        return layers.lora_projections(x, tuple(ws), p[:K], p[K:2 * K], 1.7, norm=norm)
 
     def ref(x, *p):
-        return tuple(x @ w.double().t() + 1.7 * (x @ a.t()) @ b.t() for w, a, b in zip(ws, p[:K], p[K:]))
-    _check(fn, ref, [x, *As, *Bs], tuple(range(1 + 2 * K)), 1e-5)
+        if with_norm:
+            x = _ref_norm(x, p[2 * K], eps)
+        return tuple(x @ w.double().t() + 1.7 * (x @ a.t()) @ b.t() for w, a, b in zip(ws, p[:K], p[K:2 * K]))
+    _check(fn, ref, [x, *As, *Bs, *norm_w], tuple(range(1 + 2 * K + len(norm_w))), 1e-5)
 
 
 @pytest.mark.parametrize("N,V,H,buffer", [(7, 1000, 24, 2**20), (37, 9000, 16, 4 * 4096 * 5), (3, 4097, 8, 4)])

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from engine.errors import EngineError
 from engine.optim import META_FILE, STATE_FILE, AdamW, CosineSchedule, clip_grad_norm
+import engine.optim as optim_module
 
 SHAPES = {"w1": (13, 7), "b1": (13,), "w2": (5, 13), "b2": (5,), "scale": (5,)}
 GROUP_NAMES = (("w1", "b1"), ("w2", "b2", "scale"))
@@ -63,7 +64,12 @@ def reference_run(params, schedule, steps, grads_from=None):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
-def test_matches_torch_adamw_every_step(dtype, tol, device):
+@pytest.mark.parametrize("scratch", [None, 37])
+def test_matches_torch_adamw_every_step(dtype, tol, device, scratch, monkeypatch):
+    """scratch=37: the denominator is formed in many odd-sized chunks (a chunk boundary inside
+    a parameter and at the bucket's end)."""
+    if scratch:
+        monkeypatch.setattr(optim_module, "SCRATCH_ELEMS", scratch)
     steps = 100
     schedule = CosineSchedule(1.0, steps, warmup_ratio=0.05)
     mine = init_params(dtype, device)
