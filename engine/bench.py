@@ -34,7 +34,7 @@ from .errors import EngineError
 from .fsio import write_json
 from .logprobs import hidden_logprobs, token_logprobs
 from .lora import LoRAConfig, apply_lora
-from .model import Qwen3ForCausalLM
+from .model import Qwen3ForCausalLM, release_cpu_heap
 from .optim import AdamW
 
 BENCH_LOSSES = ("sft", "dpo", "grpo")
@@ -188,6 +188,8 @@ class EngineRunner:
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = AdamW([{"params": params, "lr": spec.lr, "weight_decay": 0.01}])
+        if spec.torch_device.type == "cpu":
+            release_cpu_heap()  # as the trainer does after its setup
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         logps = token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["score_mask"])

@@ -73,10 +73,12 @@ def _causal(T: int, past: int, key_valid: torch.Tensor | None) -> torch.Tensor:
     return mask
 
 
-# glibc's mallopt(M_MMAP_THRESHOLD) / (M_TRIM_THRESHOLD): allocations from 256 KiB up are mapped and
-# unmapped one by one, so freed activations leave the resident set at once instead of staying in the
-# heap (where glibc's adaptive threshold otherwise puts them). Costs page faults on every large
-# allocation (a few percent of a CPU step); worth it only in lean mode (activation checkpointing).
+# glibc's mallopt(M_MMAP_THRESHOLD) / (M_TRIM_THRESHOLD), fixed at 256 KiB in lean mode (activation
+# checkpointing): allocations from there up are mapped and unmapped one by one, so freed activations
+# leave the resident set at once instead of staying in glibc's heap, which otherwise serves tensors up
+# to 32 MiB once its adaptive threshold has risen and does not shrink. The step's peak resident memory
+# then follows its live tensors, at the cost of the page faults of fresh mappings (measured +6-13% of a
+# CPU step with a 1-2 MiB threshold, BENCHMARKS.md): worth it only when memory comes first.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _LEAN_MMAP_BYTES = -1, -3, 256 * 1024
 
 
@@ -87,6 +89,16 @@ def lean_cpu_allocator() -> bool:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, _LEAN_MMAP_BYTES)) and \
             bool(libc.mallopt(_M_TRIM_THRESHOLD, _LEAN_MMAP_BYTES))
+    except (OSError, AttributeError):
+        return False
+
+
+def release_cpu_heap() -> bool:
+    """Hand the free pages of glibc's heap back to the OS (malloc_trim): after building or loading a
+    model, whose float32 temporaries leave holes that a step's tensors would not all reuse (measured:
+    0.05-0.15 GiB off a Qwen3-0.6B CPU step's peak). False where there is no glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
 

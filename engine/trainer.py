@@ -28,6 +28,7 @@ from .data import (Batch, Example, build_pairs, collate, describe, groups_of, pl
 from .errors import EngineError, TrainingDiverged
 from .logprobs import token_logprobs
 from .lora import LoRAConfig, apply_lora
+from .model import release_cpu_heap
 from .optim import AdamW, CosineSchedule
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
@@ -157,6 +158,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         if self.resume_from is not None:
             self.start_step = ckpt.restore(Path(self.resume_from), self.model, self.optimizer, cfg)
+        if self.device.type == "cpu":
+            release_cpu_heap()  # the load's temporaries: off the resident set before the first step
         if self.dist.enabled:
             # Replicas start identical by construction (seeded init, same checkpoint); make it so
             # regardless, as DDP does: rank 0's weights and optimizer state win.

@@ -1,32 +1,67 @@
-"""Guarded Triton import and a launch-time `jit`.
+"""Lazy, guarded Triton import and a launch-time `jit`.
 
 Why not plain `@triton.jit`: it decides between the compiler and the CPU interpreter when the module
 is imported, from `TRITON_INTERPRET`. In one pytest process another test file may import this package
 before the kernel tests set `TRITON_INTERPRET=1`, so here the decision is made at launch time instead
-(and cached per mode). A missing or broken Triton leaves `triton is None`; the torch paths still work.
+(and cached per mode).
+
+Why lazy: a CPU-only run never launches a kernel, and importing Triton costs ~70 MB of resident memory
+(measured; part of the CPU training step's peak, BENCHMARKS.md) and start-up time. `triton` and `tl`
+are stand-ins until something needs them (a launch, `available()`, an attribute). A missing or broken
+Triton makes `available()` False; the torch paths still work.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import os
+import types
 from typing import Any, Callable, Iterator
 
-try:  # a broken install can raise more than ImportError (e.g. a missing libcuda symbol)
-    import triton
-    import triton.language as tl
-    TRITON_IMPORT_ERROR: Exception | None = None
-except Exception as exc:  # noqa: BLE001
-    triton = None
+_loaded: dict[str, Any] = {}
 
-    class _MissingLanguage:
-        """Stands in for `triton.language` so kernel annotations (`tl.constexpr`) still evaluate."""
 
-        def __getattr__(self, name: str) -> Any:
-            return object
+def _load() -> dict[str, Any]:
+    if not _loaded:
+        try:  # a broken install can raise more than ImportError (e.g. a missing libcuda symbol)
+            import triton as real
+            import triton.language as real_language
+            _loaded.update(triton=real, tl=real_language, error=None)
+        except Exception as exc:  # noqa: BLE001
+            _loaded.update(triton=None, tl=None, error=exc)
+    return _loaded
 
-    tl = _MissingLanguage()  # type: ignore[assignment]
-    TRITON_IMPORT_ERROR = exc
+
+def available() -> bool:
+    """True when Triton imports (imports it, once)."""
+    return _load()["triton"] is not None
+
+
+def import_error() -> Exception | None:
+    return _load()["error"]
+
+
+class _LazyModule(types.ModuleType):
+    """`triton` or `triton.language` until first use. Without Triton, `tl.<anything>` is `object` (so
+    kernel annotations such as `tl.constexpr` still evaluate) and `triton.<anything>` raises."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"lazy {key}")
+        self._key = key
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        module = _load()[self._key]
+        if module is None:
+            if self._key == "tl":
+                return object
+            raise AttributeError(f"Triton is not usable here: {import_error()!r}")
+        return getattr(module, name)
+
+
+triton = _LazyModule("triton")
+tl = _LazyModule("tl")
 
 
 def interpreting() -> bool:
@@ -47,12 +82,17 @@ class LazyJit:
 
     def variant(self) -> Any:
         """The underlying `triton.jit` object for the current mode (compiler or interpreter)."""
-        if triton is None:
-            raise RuntimeError(f"Triton is not usable here: {TRITON_IMPORT_ERROR!r}")
+        if not available():
+            raise RuntimeError(f"Triton is not usable here: {import_error()!r}")
         mode = interpreting()
         if mode not in self._by_mode:
+            # Triton's compiler resolves the kernel's globals: give it the real modules, not stand-ins.
+            scope = self.fn.__globals__
+            for name, value in list(scope.items()):
+                if isinstance(value, _LazyModule):
+                    scope[name] = _load()[value._key]
             # triton.jit reads TRITON_INTERPRET now, which is the mode we want.
-            self._by_mode[mode] = triton.jit(self.fn)
+            self._by_mode[mode] = _load()["triton"].jit(self.fn)
         return self._by_mode[mode]
 
     def __getitem__(self, grid: Any) -> Any:

@@ -29,7 +29,7 @@ def requested_backend() -> str:
 
 
 def triton_available() -> bool:
-    return _triton.triton is not None
+    return _triton.available()
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
@@ -41,7 +41,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if backend == "auto":
         return on_cuda and triton_available()
     if not triton_available():
-        raise EngineError(f"Triton cannot be imported ({_triton.TRITON_IMPORT_ERROR!r}); "
+        raise EngineError(f"Triton cannot be imported ({_triton.import_error()!r}); "
                           f"set {ENV_BACKEND}=torch", field=ENV_BACKEND)
     if not on_cuda and not _triton.interpreting():
         raise EngineError(f"{ENV_BACKEND}=triton needs CUDA tensors (or TRITON_INTERPRET=1 to run "
