@@ -244,8 +244,22 @@ class Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features, bias=False)
 
+    def reset_parameters(self) -> None:
+        # A meta-device build is filled from a checkpoint. Initialising meta tensors goes through
+        # torch's reference ops, which import torch._dynamo and with it Triton (~100 MB resident).
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips initialising a meta-device build (see `Linear.reset_parameters`)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
 
 
 class MLP(nn.Module):

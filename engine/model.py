@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention
 from .config import Qwen3Config
 from .kv_cache import KVCache
-from .layers import MLP, Linear, RMSNorm, RotaryEmbedding, serial
+from .layers import MLP, Embedding, Linear, RMSNorm, RotaryEmbedding, serial
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ class DecoderLayer(nn.Module):
 class Qwen3Model(nn.Module):
     def __init__(self, config: Qwen3Config) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
