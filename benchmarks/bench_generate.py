@@ -1,6 +1,6 @@
 """Generation throughput: engine.sampler.generate against transformers' generate, same weights, same run.
 
-    .venv/bin/python benchmarks/bench_generate.py                  # the embedded tiny model shape, batch 32
+    .venv/bin/python benchmarks/bench_generate.py                  # the embedded model's shape, batch 32
     .venv/bin/python benchmarks/bench_generate.py --vocab 151936   # with the full Qwen3 vocabulary
 
 Both sides get the same random-weight Qwen3 (float32 on CPU), the same left-padded prompts of mixed length,
@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
 from engine.sampler import SamplingParams, generate  # noqa: E402
+from engine.synthetic import TINY_CONTEXT, TINY_MODEL, TINY_VOCAB  # noqa: E402
 
-# The embedded demo model's shape (engine.synthetic.TINY_MODEL, TINY_CONTEXT).
-SHAPE = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4, "num_attention_heads": 4,
-         "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 512}
+# The embedded demo model's shape.
+SHAPE = {**TINY_MODEL, "max_position_embeddings": TINY_CONTEXT}
 
 
 def build_models(vocab: int, directory: Path):
@@ -98,7 +98,7 @@ def scenarios(args) -> list[tuple[str, list[list[int]], SamplingParams, dict, li
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=TINY_VOCAB)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--k", type=int, default=4, help="Samples per prompt in the rollout scenario.")
     ap.add_argument("--new-tokens", type=int, default=256)

@@ -68,10 +68,26 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)
         gqa = self.num_heads != self.num_kv_heads
-        if mask is None:
+        if T == 1 and kv_cache is not None and q.device.type == "cpu":
+            out = decode_attention(q, k, v, mask)
+        elif mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        # SDPA's output is [B, T, H, D] in memory, so this is a view, not a copy.
+        # SDPA's output is [B, T, H, D] in memory (and T = 1 in decoding), so this is a view, not a copy.
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """One decoding step's attention on CPU: q [B, H, 1, D], k/v [B, KV, S, D] (the cache prefix), mask
+    [B, 1, 1, S] bool (True = attend) or None -> [B, H, 1, D]. The G = H / KV query heads of a key head
+    go through it as one [G, D] x [D, S] product, so each cached key and value is read once (SDPA's CPU
+    kernel is slower at a single query: BENCHMARKS.md)."""
+    B, H, _, D = q.shape
+    kv = k.shape[1]
+    scores = torch.matmul(q.view(B, kv, H // kv, D), k.transpose(-1, -2)).mul_(D ** -0.5)  # [B, KV, G, S]
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.matmul(probs, v).view(B, H, 1, D)

@@ -34,6 +34,13 @@ def serial(t: torch.Tensor) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def _recording(*tensors: torch.Tensor) -> bool:
+    """True when autograd records these inputs. Otherwise (generation, reference log-probs) the
+    hand-written ops run their forward math directly: an autograd.Function's bookkeeping costs more
+    than the math itself at decode sizes."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _rstd(x32: torch.Tensor, eps: float) -> torch.Tensor:
     """1 / sqrt(mean(x^2) + eps) over the last dim, keepdim; one reduction pass, no x^2 temporary."""
     return torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x32.shape[-1]).add_(eps).rsqrt_()
@@ -76,6 +83,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
     x [..., D], weight [D] -> [..., D] in x's dtype.
     """
+    if not _recording(x, weight):
+        with serial(x):
+            return _normed(x, _rstd(x.float(), eps), weight)
     return _RMSNorm.apply(x, weight, eps)
 
 
@@ -138,14 +148,9 @@ class _NormRope(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 eps: float) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        with serial(x):
-            c, s = cos[..., :half].float().unsqueeze(2), sin[..., :half].float().unsqueeze(2)
-            x32 = x.float()
-            rstd = _rstd(x32, eps)
-            n = (x32 * rstd).mul_(weight.float())
-            ctx.save_for_backward(x, weight, rstd, c, s)
-            return _rotate(n, c, s, 1.0).to(x.dtype)
+        out, rstd, c, s = _norm_rope_forward(x, weight, cos, sin, eps)
+        ctx.save_for_backward(x, weight, rstd, c, s)
+        return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -156,11 +161,25 @@ class _NormRope(torch.autograd.Function):
             return dx.to(x.dtype), (dw.to(weight.dtype) if dw is not None else None), None, None, None
 
 
+def _norm_rope_forward(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rope(rmsnorm(x) * w), rstd, c, s): the output and what the backward needs."""
+    half = x.shape[-1] // 2
+    with serial(x):
+        c, s = cos[..., :half].float().unsqueeze(2), sin[..., :half].float().unsqueeze(2)
+        x32 = x.float()
+        rstd = _rstd(x32, eps)
+        n = (x32 * rstd).mul_(weight.float())
+        return _rotate(n, c, s, 1.0).to(x.dtype), rstd, c, s
+
+
 def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               eps: float) -> torch.Tensor:
     """Qwen3's per-head RMSNorm then RoPE: x [B, T, H, D], weight [D], cos/sin [B, T, D] as
     `RotaryEmbedding.cos_sin` makes them (second half equal to the first) -> [B, T, H, D] in x's dtype.
     Equals apply_rope(rms_norm(x, weight, eps), cos, sin) computed in float32."""
+    if not _recording(x, weight):
+        return _norm_rope_forward(x, weight, cos, sin, eps)[0]
     return _NormRope.apply(x, weight, cos, sin, eps)
 
 
@@ -185,6 +204,9 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, same shapes and dtype."""
+    if not _recording(gate, up):
+        with serial(gate):
+            return F.silu(gate).mul_(up)
     return _SwiGLU.apply(gate, up)
 
 
@@ -235,6 +257,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     (`Qwen3ForCausalLM.compact_frozen_weights`) is cast per call; a trainable one must match x."""
     if weight.dtype == x.dtype or weight.requires_grad:
         return F.linear(x, weight)
+    if not _recording(x):
+        return F.linear(x, cast_weight(weight, x.dtype))
     return _CastLinear.apply(x, weight)
 
 
@@ -289,33 +313,12 @@ class _LoRAProjections(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, scale: float, count: int, eps: float, *tensors: torch.Tensor):
-        norm_w = tensors[-1] if len(tensors) > 3 * count else None
-        weights, lora_as, lora_bs = tensors[:count], tensors[count:2 * count], tensors[2 * count:3 * count]
-        dtype, r = x.dtype, lora_as[0].shape[0]
-        rstd = None
-        if norm_w is not None:
-            h = x
-            with serial(h):
-                rstd = _rstd(h.float(), eps)
-                x = _normed(h, rstd, norm_w)
-        x2 = x.reshape(-1, x.shape[-1])
-        a_cat = torch.cat([a.to(dtype) for a in lora_as]) if count > 1 else lora_as[0].to(dtype)
-        bs = [b.to(dtype) for b in lora_bs]
-        with serial(x):
-            xa = torch.mm(x2, a_cat.t())
-        outs = []
-        for s, (w, b) in enumerate(zip(weights, bs)):
-            y = torch.mm(x2, cast_weight(w, dtype).t())
-            with serial(x):
-                y.addmm_(xa[:, s * r:(s + 1) * r], b.t(), alpha=scale)
-            outs.append(y.view(*x.shape[:-1], w.shape[0]))
-        if norm_w is not None:
-            ctx.save_for_backward(h, rstd, norm_w, xa, a_cat, *weights, *bs)
-        else:
-            ctx.save_for_backward(x2, xa, a_cat, *weights, *bs)
-        ctx.scale, ctx.count, ctx.r, ctx.x_shape, ctx.norm = scale, count, r, x.shape, norm_w is not None
+        outs, saved = _lora_projections_forward(x, scale, count, eps, tensors)
+        ctx.save_for_backward(*saved)
+        ctx.scale, ctx.count, ctx.r, ctx.norm = scale, count, tensors[count].shape[0], len(tensors) > 3 * count
+        ctx.x_shape = x.shape
         ctx.param_dtypes = [t.dtype for t in tensors]
-        return tuple(outs)
+        return outs
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):
@@ -354,6 +357,33 @@ class _LoRAProjections(torch.autograd.Function):
         return (dx, None, None, None, *grads_out, *([d_norm_w] if ctx.norm else []))
 
 
+def _lora_projections_forward(x: torch.Tensor, scale: float, count: int, eps: float,
+                              tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], tuple]:
+    """The outputs of `_LoRAProjections` and the tensors its backward needs."""
+    norm_w = tensors[-1] if len(tensors) > 3 * count else None
+    weights, lora_as, lora_bs = tensors[:count], tensors[count:2 * count], tensors[2 * count:3 * count]
+    dtype, r = x.dtype, lora_as[0].shape[0]
+    h = rstd = None
+    if norm_w is not None:
+        h = x
+        with serial(h):
+            rstd = _rstd(h.float(), eps)
+            x = _normed(h, rstd, norm_w)
+    x2 = x.reshape(-1, x.shape[-1])
+    a_cat = torch.cat([a.to(dtype) for a in lora_as]) if count > 1 else lora_as[0].to(dtype)
+    bs = [b.to(dtype) for b in lora_bs]
+    with serial(x):
+        xa = torch.mm(x2, a_cat.t())
+    outs = []
+    for s, (w, b) in enumerate(zip(weights, bs)):
+        y = torch.mm(x2, cast_weight(w, dtype).t())
+        with serial(x):
+            y.addmm_(xa[:, s * r:(s + 1) * r], b.t(), alpha=scale)
+        outs.append(y.view(*x.shape[:-1], w.shape[0]))
+    saved = (h, rstd, norm_w, xa, a_cat, *weights, *bs) if norm_w is not None else (x2, xa, a_cat, *weights, *bs)
+    return tuple(outs), saved
+
+
 def lora_projections(x: torch.Tensor, weights: tuple[torch.Tensor, ...], lora_as: tuple[torch.Tensor, ...],
                      lora_bs: tuple[torch.Tensor, ...], scale: float,
                      norm: tuple[torch.Tensor, float] | None = None) -> tuple[torch.Tensor, ...]:
@@ -362,4 +392,7 @@ def lora_projections(x: torch.Tensor, weights: tuple[torch.Tensor, ...], lora_as
     norm=(weight [in], eps): x is first RMS-normed (`rms_norm(x, weight, eps)`), inside the same node."""
     extra = (norm[0],) if norm is not None else ()
     eps = float(norm[1]) if norm is not None else 0.0
-    return _LoRAProjections.apply(x, float(scale), len(weights), eps, *weights, *lora_as, *lora_bs, *extra)
+    tensors = (*weights, *lora_as, *lora_bs, *extra)
+    if not _recording(x, *tensors):
+        return _lora_projections_forward(x, float(scale), len(weights), eps, tensors)[0]
+    return _LoRAProjections.apply(x, float(scale), len(weights), eps, *tensors)

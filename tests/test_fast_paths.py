@@ -117,3 +117,40 @@ def test_serial_restores_the_thread_count():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_no_grad_paths_equal_the_autograd_ones():
+    """Generation and reference log-probs skip the autograd.Functions: same forward math, same bits."""
+    x, w = torch.randn(3, 5, 4, 10), 1 + 0.3 * torch.randn(10)
+    cos, sin = layers.RotaryEmbedding(10, 1e4).cos_sin(torch.randint(0, 50, (3, 5)), torch.float32)
+    g, u = torch.randn(3, 17), torch.randn(3, 17)
+    h, ws = torch.randn(2, 6, 9), tuple(torch.randn(o, 9) for o in (8, 4, 4))
+    As, Bs = tuple(torch.randn(3, 9) for _ in ws), tuple(torch.randn(o, 3) for o in (8, 4, 4))
+    wide, narrow = torch.randn(2, 7, 9), torch.randn(11, 9).bfloat16()
+    cases = [
+        lambda t: layers.rms_norm(x * t, w, 1e-6),
+        lambda t: layers.norm_rope(x * t, w, cos, sin, 1e-6),
+        lambda t: layers.swiglu(g * t, u),
+        lambda t: layers.lora_projections(h * t, ws, As, Bs, 1.3)[1],
+        lambda t: layers.lora_projections(h * t, ws, As, Bs, 1.3, norm=(w[:9], 1e-6))[0],
+        lambda t: layers.linear(wide * t, narrow),
+    ]
+    for case in cases:
+        with torch.no_grad():
+            fast = case(torch.ones(()))
+        recorded = case(torch.ones((), requires_grad=True))
+        assert recorded.requires_grad and torch.equal(fast, recorded.detach())
+
+
+@pytest.mark.parametrize("H,KV,S,padded", [(6, 2, 13, True), (4, 4, 1, False), (5, 1, 30, True)])
+def test_decode_attention_matches_sdpa(H, KV, S, padded):
+    from engine.attention import decode_attention
+    B, D = 3, 8
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, KV, S, D), torch.randn(B, KV, S, D)
+    mask = None
+    if padded:
+        mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+        mask[0, ..., : S // 2] = False
+    ref = F.scaled_dot_product_attention(q.double(), k.double().repeat_interleave(H // KV, 1),
+                                         v.double().repeat_interleave(H // KV, 1), attn_mask=mask)
+    assert _rel(decode_attention(q, k, v, mask), ref) < 1e-6
