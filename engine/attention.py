@@ -11,7 +11,8 @@ from triton_kernels.qkv_proj import qkv_proj
 
 from .config import Qwen3Config
 from .kv_cache import KVCache
-from .layers import Linear, RMSNorm, lora_projections, norm_rope
+from .frozen import Linear
+from .layers import RMSNorm, lora_projections, norm_rope
 
 
 class Attention(nn.Module):

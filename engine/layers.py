@@ -7,17 +7,19 @@ products on CPU. All math is float32 whatever the input dtype, with one rounding
 
 On CPU these small passes (and the low-rank GEMMs) run on one thread (`serial`): each multi-threaded
 op is a parallel region whose threads must all be scheduled before it finishes, which on a loaded
-machine costs ~15 ms per op (BENCHMARKS.md), far more than the op's own work.
+machine costs ~15 ms per op (BENCHMARKS.md), far more than the op's own work. When autograd records
+nothing (generation, reference log-probs) they run their forward math directly (`frozen.recording`).
 """
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .frozen import Linear, cast_weight, recording
 
 
 @contextlib.contextmanager
@@ -32,13 +34,6 @@ def serial(t: torch.Tensor) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _recording(*tensors: torch.Tensor) -> bool:
-    """True when autograd records these inputs. Otherwise (generation, reference log-probs) the
-    hand-written ops run their forward math directly: an autograd.Function's bookkeeping costs more
-    than the math itself at decode sizes."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _rstd(x32: torch.Tensor, eps: float) -> torch.Tensor:
@@ -83,7 +78,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
     x [..., D], weight [D] -> [..., D] in x's dtype.
     """
-    if not _recording(x, weight):
+    if not recording(x, weight):
         with serial(x):
             return _normed(x, _rstd(x.float(), eps), weight)
     return _RMSNorm.apply(x, weight, eps)
@@ -178,7 +173,7 @@ def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
     """Qwen3's per-head RMSNorm then RoPE: x [B, T, H, D], weight [D], cos/sin [B, T, D] as
     `RotaryEmbedding.cos_sin` makes them (second half equal to the first) -> [B, T, H, D] in x's dtype.
     Equals apply_rope(rms_norm(x, weight, eps), cos, sin) computed in float32."""
-    if not _recording(x, weight):
+    if not recording(x, weight):
         return _norm_rope_forward(x, weight, cos, sin, eps)[0]
     return _NormRope.apply(x, weight, cos, sin, eps)
 
@@ -204,86 +199,10 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, same shapes and dtype."""
-    if not _recording(gate, up):
+    if not recording(gate, up):
         with serial(gate):
             return F.silu(gate).mul_(up)
     return _SwiGLU.apply(gate, up)
-
-
-_cast_workspace = threading.local()
-CAST_WORKSPACE_MAX_BYTES = 64 * 2**20
-
-
-def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` in `dtype` for one product. A narrow-stored (compacted) weight is copied into one
-    reused per-thread buffer (sized by the largest weight so far): valid until the next cast on this
-    thread, so use it at once. A fresh tensor per cast would cost page faults and heap growth on CPU."""
-    if weight.dtype == dtype:
-        return weight
-    if weight.numel() * dtype.itemsize > CAST_WORKSPACE_MAX_BYTES:  # e.g. a whole LM head: not kept
-        return weight.to(dtype)
-    return workspace(weight.numel(), dtype, weight.device).view(weight.shape).copy_(weight)
-
-
-def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat per-thread scratch tensor of at least `numel` elements (its first `numel` returned),
-    shared by every `cast_weight` of this thread, dtype and device."""
-    buffers = _cast_workspace.__dict__.setdefault("buffers", {})
-    buf = buffers.get((dtype, device))
-    if buf is None or buf.numel() < numel:
-        buffers[(dtype, device)] = buf = None
-        buffers[(dtype, device)] = buf = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
-
-
-class _CastLinear(torch.autograd.Function):
-    """x W^T with a frozen W stored in another dtype (e.g. bf16 as the checkpoint ships it, under float32
-    compute): W is cast for the product and again in the backward, so no compute-dtype copy of it
-    outlives the GEMM (autograd would save the cast copy until the backward)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        return F.linear(x, cast_weight(weight, x.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        return (torch.matmul(grad, cast_weight(weight, grad.dtype)) if ctx.needs_input_grad[0] else None), None
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., in] @ weight [out, in]^T in x's dtype. A frozen weight kept in a narrower storage dtype
-    (`Qwen3ForCausalLM.compact_frozen_weights`) is cast per call; a trainable one must match x."""
-    if weight.dtype == x.dtype or weight.requires_grad:
-        return F.linear(x, weight)
-    if not _recording(x):
-        return F.linear(x, cast_weight(weight, x.dtype))
-    return _CastLinear.apply(x, weight)
-
-
-class Linear(nn.Linear):
-    """nn.Linear (no bias) whose frozen weight may be stored in another dtype than the compute (`linear`)."""
-
-    def __init__(self, in_features: int, out_features: int) -> None:
-        super().__init__(in_features, out_features, bias=False)
-
-    def reset_parameters(self) -> None:
-        # A meta-device build is filled from a checkpoint. Initialising meta tensors goes through
-        # torch's reference ops, which import torch._dynamo and with it Triton (~100 MB resident).
-        if not self.weight.is_meta:
-            super().reset_parameters()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight)
-
-
-class Embedding(nn.Embedding):
-    """nn.Embedding that skips initialising a meta-device build (see `Linear.reset_parameters`)."""
-
-    def reset_parameters(self) -> None:
-        if not self.weight.is_meta:
-            super().reset_parameters()
 
 
 class MLP(nn.Module):
@@ -393,6 +312,6 @@ def lora_projections(x: torch.Tensor, weights: tuple[torch.Tensor, ...], lora_as
     extra = (norm[0],) if norm is not None else ()
     eps = float(norm[1]) if norm is not None else 0.0
     tensors = (*weights, *lora_as, *lora_bs, *extra)
-    if not _recording(x, *tensors):
+    if not recording(x, *tensors):
         return _lora_projections_forward(x, float(scale), len(weights), eps, tensors)[0]
     return _LoRAProjections.apply(x, float(scale), len(weights), eps, *tensors)

@@ -26,7 +26,8 @@ from triton_kernels.lora_linear import lora_linear
 
 from .errors import EngineError, is_finite_number
 from .fsio import atomic_dir
-from .layers import Linear, linear, lora_projections
+from .frozen import Linear, linear
+from .layers import lora_projections
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR_TARGETS = ATTENTION_TARGETS + ("gate_proj", "up_proj", "down_proj")

@@ -15,7 +15,8 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention
 from .config import Qwen3Config
 from .kv_cache import KVCache
-from .layers import MLP, Embedding, Linear, RMSNorm, RotaryEmbedding, serial
+from .frozen import Embedding, Linear
+from .layers import MLP, RMSNorm, RotaryEmbedding, serial
 
 
 @dataclasses.dataclass
@@ -179,7 +180,7 @@ class Qwen3ForCausalLM(nn.Module):
         """Store every frozen matrix (projections, embedding, LM head) whose values `storage` holds
         exactly in `storage`; return the bytes freed. Lossless by construction: a bf16 checkpoint loaded
         for float32 compute on CPU keeps its weights at 2 bytes each and every product stays float32
-        (the weight is cast per GEMM, `layers.linear`), with bit-identical results. Weights that are not
+        (the weight is cast per GEMM, `frozen.linear`), with bit-identical results. Weights that are not
         exactly representable (an fp32-trained model), trainable ones and 1-D ones stay as they are."""
         groups: dict[int, list[str]] = {}  # one entry per tensor; tied names share it
         for name, p in self.named_parameters(remove_duplicate=False):

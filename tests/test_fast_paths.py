@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import layers, logprobs
+from engine import frozen, layers, logprobs
 from engine.errors import EngineError
 
 
@@ -133,7 +133,7 @@ def test_no_grad_paths_equal_the_autograd_ones():
         lambda t: layers.swiglu(g * t, u),
         lambda t: layers.lora_projections(h * t, ws, As, Bs, 1.3)[1],
         lambda t: layers.lora_projections(h * t, ws, As, Bs, 1.3, norm=(w[:9], 1e-6))[0],
-        lambda t: layers.linear(wide * t, narrow),
+        lambda t: frozen.linear(wide * t, narrow),
     ]
     for case in cases:
         with torch.no_grad():
