@@ -31,6 +31,7 @@ from losses import LossInputs
 
 from .config import Qwen3Config
 from .errors import EngineError
+from .frozen import compacts_by_default, stays_narrow
 from .fsio import write_json
 from .logprobs import hidden_logprobs, token_logprobs
 from .lora import LoRAConfig, apply_lora
@@ -129,7 +130,7 @@ def random_engine_model(config: Qwen3Config, seed: int, device: torch.device, dt
         model = Qwen3ForCausalLM(config)
     for name, p in list(model.named_parameters()):
         module_name, _, attr = name.rpartition(".")
-        keep = compact_frozen and p.dim() == 2 and checkpoint_dtype.itemsize < dtype.itemsize
+        keep = compact_frozen and stays_narrow(checkpoint_dtype, p.dim(), dtype)
         t = random_tensor(name, tuple(p.shape), seed, device, checkpoint_dtype if keep else dtype, checkpoint_dtype)
         model.get_submodule(module_name)._parameters[attr] = torch.nn.Parameter(t, requires_grad=False)
     if config.tie_word_embeddings:
@@ -180,9 +181,8 @@ class EngineRunner:
     def __init__(self, spec: BenchSpec) -> None:
         self.spec = spec
         # As the trainer loads a checkpoint: matrices kept at the checkpoint's precision for float32 on CPU.
-        compact = spec.torch_device.type == "cpu" and spec.dtype == torch.float32
-        self.model = random_engine_model(spec.config(), spec.seed, spec.torch_device, spec.dtype,
-                                         spec.weights_dtype, compact_frozen=compact)
+        self.model = random_engine_model(spec.config(), spec.seed, spec.torch_device, spec.dtype, spec.weights_dtype,
+                                         compact_frozen=compacts_by_default(spec.torch_device, spec.dtype))
         apply_lora(self.model, LoRAConfig(r=spec.rank, alpha=spec.alpha), seed=spec.seed)
         self.model.gradient_checkpointing = spec.engine_checkpointing()
         self.model.train()

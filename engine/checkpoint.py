@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import Qwen3Config
+from .frozen import stays_narrow
 from .errors import EngineError
 from .fsio import atomic_dir
 from .model import Qwen3ForCausalLM
@@ -110,8 +111,7 @@ def load_state_into(model: torch.nn.Module, files: list[Path], dtype: torch.dtyp
                         raise EngineError(f"tensor {name!r} has shape {list(shape)}, expected "
                                           f"{list(p.shape)} from config.json", path=f)
                     t = sf.get_tensor(name)
-                    keep = compact_frozen and t.dim() == 2 and t.is_floating_point() and \
-                        t.element_size() < dtype.itemsize
+                    keep = compact_frozen and stays_narrow(t.dtype, t.dim(), dtype)
                     t = t.to(device=device) if keep else t.to(device=device, dtype=dtype)
                     _assign(model, name, t)
                     seen.add(name)

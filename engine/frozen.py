@@ -21,6 +21,18 @@ def recording(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def stays_narrow(stored: torch.dtype, ndim: int, compute: torch.dtype) -> bool:
+    """Whether a frozen tensor stored in `stored` keeps that dtype under `compute`: matrices (not
+    norms) stored in fewer bytes than the compute dtype."""
+    return ndim == 2 and stored.is_floating_point and stored.itemsize < compute.itemsize
+
+
+def compacts_by_default(device: torch.device, compute: torch.dtype, full_finetune: bool = False) -> bool:
+    """Whether a LoRA run keeps its frozen matrices narrow: float32 on CPU (bf16 products there run
+    ~100x slower, so the weights are cast per product instead; on GPU the run computes in bf16)."""
+    return not full_finetune and device.type == "cpu" and compute == torch.float32
+
+
 _cast_workspace = threading.local()
 CAST_WORKSPACE_MAX_BYTES = 64 * 2**20
 
@@ -42,8 +54,8 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Ten
     buffers = _cast_workspace.__dict__.setdefault("buffers", {})
     buf = buffers.get((dtype, device))
     if buf is None or buf.numel() < numel:
-        buffers[(dtype, device)] = buf = None
-        buffers[(dtype, device)] = buf = torch.empty(numel, dtype=dtype, device=device)
+        buffers.pop((dtype, device), None)  # free the smaller buffer before allocating its successor
+        buf = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel]
 
 

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention
 from .config import Qwen3Config
 from .kv_cache import KVCache
-from .frozen import Embedding, Linear
+from .frozen import Embedding, Linear, stays_narrow
 from .layers import MLP, RMSNorm, RotaryEmbedding, serial
 
 
@@ -189,7 +189,7 @@ class Qwen3ForCausalLM(nn.Module):
         freed = 0
         for names in groups.values():  # names only: each old tensor is freed as soon as it is replaced
             w = self.get_parameter(names[0])
-            if w.element_size() <= torch.finfo(storage).bits // 8:
+            if not stays_narrow(storage, w.dim(), w.dtype):
                 continue
             with torch.no_grad():
                 narrow = w.to(storage)

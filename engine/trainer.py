@@ -22,11 +22,12 @@ from losses import LossInputs
 
 from . import checkpointing as ckpt
 from . import distributed
-from .checkpoint import default_device, load_model
+from .checkpoint import default_device, default_dtype, load_model
 from .data import (Batch, Example, build_pairs, collate, describe, groups_of, plan_steps,
                    read_rollouts, split_micro_batches, tokenize_rollouts)
 from .errors import EngineError, TrainingDiverged
 from .logprobs import token_logprobs
+from .frozen import compacts_by_default
 from .lora import LoRAConfig, apply_lora
 from .model import release_cpu_heap
 from .optim import AdamW, CosineSchedule
@@ -101,8 +102,9 @@ class Trainer:
         # FSDP: load on the host, shard, and let fully_shard move each rank's shards to its device.
         # LoRA training in float32 on CPU from a bf16 checkpoint: the frozen base stays at 2 bytes per
         # weight (lossless, bit-identical steps; it halves the resident model, BENCHMARKS.md).
-        compact = not cfg.full_finetune and not self.fsdp and torch.device(device or default_device()).type == "cpu" and \
-            dtype in (None, torch.float32)
+        run_device = torch.device(device or default_device())
+        compact = not self.fsdp and compacts_by_default(run_device, dtype or default_dtype(run_device),
+                                                        cfg.full_finetune)
         self.model = load_model(cfg.model, dtype=dtype, device="cpu" if self.fsdp else device,
                                 compact_frozen=compact)
         self.device = self.model.device
