@@ -5,7 +5,8 @@
 
 Both sides get the same random-weight Qwen3 (float32 on CPU), the same left-padded prompts of mixed length,
 and generate exactly --new-tokens tokens per row (no stop ids), greedy and sampled (temperature 1, top-p
-0.95). Tokens/s = rows x new tokens / wall time (prefill included), best of --repeats. Greedy outputs are
+0.95); then the two workloads with stop ids: rollouts (K samples per prompt, temperature 1) and greedy
+evaluation. Tokens/s = rows x new tokens / wall time (prefill included), best of --repeats. Greedy outputs are
 checked to be identical token for token.
 """
 from __future__ import annotations
@@ -93,6 +94,8 @@ def scenarios(args) -> list[tuple[str, list[list[int]], SamplingParams, dict, li
         ("fixed_sample_t1_p0.95", distinct, SamplingParams(args.new_tokens, temperature=1.0, top_p=0.95),
          dict(do_sample=True, temperature=1.0, top_p=0.95, top_k=0), []),
         (f"rollout_k{args.k}_t1_stops", grouped, SamplingParams(args.new_tokens, temperature=1.0), sample, stops),
+        # `cli.py eval`'s workload: greedy, every row ends at its first stop id.
+        ("eval_greedy_stops", distinct, SamplingParams(args.new_tokens, temperature=0), dict(do_sample=False), stops),
     ]
 
 
@@ -138,6 +141,10 @@ def main() -> None:
         row["speedup_cpu"] = row["ours_tok_s_cpu"] / row["hf_tok_s_cpu"]
         if name == "fixed_greedy":
             row["greedy_identical"] = [g.token_ids for g in out_ours] == out_hf[:, ids.shape[1]:].tolist()
+        if name == "eval_greedy_stops":
+            row["mean_new_tokens"] = n_ours / len(prompts)
+            row["greedy_identical"] = all(
+                g.token_ids == h[:len(g.token_ids)] for g, h in zip(out_ours, out_hf[:, ids.shape[1]:].tolist()))
         results[name] = row
         print(f"{name:>24}: ours {row['ours_tok_s_wall']:7.0f} tok/s (cpu {row['ours_tok_s_cpu']:7.0f})  "
               f"transformers {row['hf_tok_s_wall']:7.0f} tok/s (cpu {row['hf_tok_s_cpu']:7.0f})  "

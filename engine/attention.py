@@ -81,14 +81,16 @@ class Attention(nn.Module):
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """One decoding step's attention on CPU: q [B, H, 1, D], k/v [B, KV, S, D] (the cache prefix), mask
-    [B, 1, 1, S] bool (True = attend) or None -> [B, H, 1, D]. The G = H / KV query heads of a key head
-    go through it as one [G, D] x [D, S] product, so each cached key and value is read once (SDPA's CPU
-    kernel is slower at a single query: BENCHMARKS.md)."""
+    """One decoding step's attention on CPU: q [B, H, 1, D], k/v [B, KV, S, D] (the cache prefix; k is
+    fastest as the transposed view of a [D, S] store, as KVCache keeps it), mask [B, 1, 1, S] bool
+    (True = attend) or None -> [B, H, 1, D]. The G = H / KV query heads of a key head go through it as
+    one [G, D] x [D, S] product, so each cached key and value is read once (SDPA's CPU kernel is slower
+    at a single query: BENCHMARKS.md). The scale goes on q (B x H x D numbers, not B x H x S) and the
+    mask as an additive bias (a broadcast add measured ~4x cheaper than masked_fill_ here)."""
     B, H, _, D = q.shape
     kv = k.shape[1]
-    scores = torch.matmul(q.view(B, kv, H // kv, D), k.transpose(-1, -2)).mul_(D ** -0.5)  # [B, KV, G, S]
+    scores = torch.matmul(q.reshape(B, kv, H // kv, D) * D ** -0.5, k.transpose(-1, -2))  # [B, KV, G, S]
     if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
+        scores += torch.zeros(mask.shape, dtype=scores.dtype).masked_fill_(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v).view(B, H, 1, D)

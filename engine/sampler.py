@@ -9,7 +9,8 @@ finished rows are dropped from the batch and the cache (`KVCache.select_rows`).
 
 Sampling. The filtered distribution is `softmax(logits / temperature)` restricted to the top-k tokens
 (k > 0), then to the nucleus (the smallest set of most likely tokens whose mass reaches top_p; the same
-set as transformers' TopKLogitsWarper/TopPLogitsWarper, applied in that order) and renormalised. A token is
+set as transformers' TopKLogitsWarper/TopPLogitsWarper, applied in that order, except that among tokens
+tied at the nucleus's edge the lowest ids are kept, whatever order a sort left them in) and renormalised. A token is
 drawn by inverse CDF in vocabulary order: the smallest id whose cumulative filtered probability exceeds
 u * (total), u ~ U[0, 1). Sequence i's step t uses u = torch.rand(max_new_tokens,
 generator=torch.Generator().manual_seed(seed_i))[t], so a sequence's sample does not depend on the batch
@@ -32,6 +33,7 @@ import dataclasses
 import hashlib
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .errors import EngineError
@@ -92,7 +94,10 @@ def check_context(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
 
 
 DROP_FINISHED_FRACTION = 0.25  # drop finished rows from the batch once they are this share of it
-NUCLEUS_CANDIDATES = 256  # top-p looks for the nucleus among this many top tokens first (no full sort)
+# Top-p over a vocabulary of at most this size sorts whole rows (values only); a larger one looks for
+# the nucleus among NUCLEUS_CANDIDATES top tokens first and sorts whole rows only when it reaches past them.
+NUCLEUS_SORT_ALL = 4096
+NUCLEUS_CANDIDATES = 256
 
 
 def filtered_probs(logits: torch.Tensor, params: SamplingParams, probs_t1: torch.Tensor | None = None
@@ -109,39 +114,63 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams, probs_t1: torch
         probs = torch.softmax(logits / params.temperature, dim=-1)
     V = probs.shape[-1]
     if 0 < params.top_k < V:
-        vals, ids = probs.topk(params.top_k, dim=-1)              # descending
+        vals, ids = _candidates(probs, params.top_k)
         if params.top_p < 1:                                      # nucleus of the top-k distribution
-            vals = vals * _nucleus(vals / vals.sum(-1, keepdim=True), params.top_p)
-    elif params.top_p < 1:
-        # The nucleus is complete once the last candidate falls outside it; otherwise look wider.
-        k = min(V, NUCLEUS_CANDIDATES)
-        while True:
-            vals, ids = _top_descending(probs, k)
-            keep = _nucleus(vals, params.top_p)
-            if k == V or not bool(keep[:, -1].any()):
-                break
-            k = min(V, 8 * k)
-        vals = vals * keep
-    else:
+            vals = vals * _nucleus(vals / vals.sum(-1, keepdim=True), params.top_p)[0]
+        return vals, ids
+    if params.top_p == 1:
         return probs, None
-    ids, order = ids.sort(dim=-1)                                 # back to vocabulary order
+    if V > NUCLEUS_SORT_ALL:
+        vals, ids = _candidates(probs, min(V, NUCLEUS_CANDIDATES))
+        keep, smallest_kept, desc = _nucleus(vals, params.top_p)
+        # Complete unless some row keeps its smallest candidate: tokens left out may equal it or
+        # belong to the nucleus. Then sort whole rows (widening step by step measured slower).
+        if not bool((desc[:, -1:] >= smallest_kept).any()):
+            return vals * keep, ids
+    return probs * _nucleus(probs, params.top_p)[0], None
+
+
+def _candidates(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest of each row, in increasing token-id order: probs [B, k], ids [B, k]. An unsorted
+    top-k, then a sort of the k ids (a sorted top-k costs several times this on CPU)."""
+    vals, ids = probs.topk(k, dim=-1, sorted=False)
+    ids, order = ids.sort(dim=-1)
     return vals.gather(-1, order), ids
 
 
-def _top_descending(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest of each row, sorted descending, and their ids: an unsorted top-k, then a sort
-    of the k (on CPU a sorted top-k of 256 among 768 costs ~5x this)."""
-    vals, ids = probs.topk(k, dim=-1, sorted=False)
-    vals, order = vals.sort(dim=-1, descending=True)
-    return vals, ids.gather(-1, order)
+def _sorted_descending(x: torch.Tensor) -> torch.Tensor:
+    """Each row of x [B, C] sorted descending, values only. numpy's value sort on CPU is ~10x torch.sort,
+    which always computes indices (0.11 vs 1.2 ms for [32, 768])."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(-np.sort(-x.numpy(), axis=-1))
+    return x.sort(dim=-1, descending=True).values
 
 
-def _nucleus(desc: torch.Tensor, top_p: float) -> torch.Tensor:
-    """desc [B, C]: probabilities sorted descending -> bool [B, C], True for the nucleus: a token is kept
-    when the probability mass strictly before it is < top_p (the first token always)."""
-    keep = desc.cumsum(-1) - desc < top_p
-    keep[:, 0] = True
-    return keep
+def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """probs [B, C] in token-id order -> (keep bool [B, C], the smallest kept probability [B, 1], the
+    row sorted descending [B, C]).
+
+    The nucleus holds the m most likely tokens, m = how many tokens have a probability mass strictly
+    before them (in descending order) below top_p; the first token is always kept. Among tokens tied at
+    the smallest kept probability, the lowest ids are kept, so the set does not depend on a sort order.
+    """
+    desc = _sorted_descending(probs)
+    m = (desc.cumsum(-1) - desc < top_p).sum(-1, keepdim=True).clamp_(min=1)
+    smallest = desc.gather(-1, m - 1)
+    keep = probs > smallest
+    tied = probs == smallest
+    need = m - keep.sum(-1, keepdim=True)
+    if bool((tied.sum(-1, keepdim=True) > need).any()):
+        tied &= tied.cumsum(-1) <= need
+    return keep | tied, smallest, desc
+
+
+def _argmax(x: torch.Tensor) -> torch.Tensor:
+    """x [B, V] -> [B] long, the first index of each row's maximum (NaN counts as the maximum), as
+    torch.argmax; on CPU through numpy, ~10x faster at V = 151936 (0.25 vs 2.6 ms for 32 rows)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(x.numpy().argmax(-1)).long()
+    return x.argmax(-1)
 
 
 def next_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Tensor | None
@@ -151,7 +180,7 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, uniforms: torch.Te
     logits = logits.float()
     probs_t1 = torch.softmax(logits, dim=-1)   # one fused pass; cheaper than logsumexp on CPU
     if params.greedy:
-        tokens = logits.argmax(-1)
+        tokens = _argmax(logits)
     else:
         probs, ids = filtered_probs(logits, params, probs_t1)
         cdf = probs.cumsum(-1)

@@ -70,7 +70,8 @@ def test_padding(pair, side):
     assert (out.logits[row][mask[row].bool()] - alone).abs().max() < 1e-4
 
 
-def test_kv_cache_decode_equals_full_sequence(pair):
+@pytest.mark.parametrize("keys_transposed", [True, False], ids=["cpu-layout", "gpu-layout"])
+def test_kv_cache_decode_equals_full_sequence(pair, keys_transposed):
     _, ours, cfg = pair
     B, P, steps = 3, 7, 6
     ids = torch.randint(0, cfg["vocab_size"], (B, P + steps))
@@ -78,7 +79,7 @@ def test_kv_cache_decode_equals_full_sequence(pair):
     mask[1, :2] = 0  # left padding in one row
     with torch.no_grad():
         full = ours(ids, attention_mask=mask).logits
-        cache = engine.KVCache(ours.config, B, P + steps, torch.float32, "cpu")
+        cache = engine.KVCache(ours.config, B, P + steps, torch.float32, "cpu", keys_transposed=keys_transposed)
         pre = ours(ids[:, :P], attention_mask=mask[:, :P], kv_cache=cache).logits
         got = [pre[:, -1]]
         for t in range(P, P + steps - 1):

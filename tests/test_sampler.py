@@ -127,15 +127,22 @@ def test_kv_cache_sampling_equals_full_recompute(pair, params):
         assert max(abs(a - b) for a, b in zip(g.behavior_logps, logps)) < 1e-4
 
 
+def _search_nucleus_among(candidates: int | None, monkeypatch) -> None:
+    """None: top-p sorts whole rows; n: it looks among n candidates first (3: it must widen)."""
+    import engine.sampler as sampler
+    if candidates is not None:
+        monkeypatch.setattr(sampler, "NUCLEUS_SORT_ALL", 0)
+        monkeypatch.setattr(sampler, "NUCLEUS_CANDIDATES", candidates)
+
+
 @pytest.mark.parametrize("params", [SamplingParams(1, temperature=0.5), SamplingParams(1, top_k=5),
                                     SamplingParams(1, top_p=0.3), SamplingParams(1, temperature=2.0, top_p=0.95),
                                     SamplingParams(1, temperature=0.9, top_k=40, top_p=0.5)])
-@pytest.mark.parametrize("candidates", [3, 256])   # 3: the nucleus search must widen
+@pytest.mark.parametrize("candidates", [None, 3, 256])
 def test_filtered_distribution_equals_transformers_warpers(params, candidates, monkeypatch):
     from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
                                                         TopPLogitsWarper)
-    import engine.sampler as sampler
-    monkeypatch.setattr(sampler, "NUCLEUS_CANDIDATES", candidates)
+    _search_nucleus_among(candidates, monkeypatch)
     logits = torch.randn(6, 301) * 3
     scores = TemperatureLogitsWarper(params.temperature)(None, logits.clone())
     if params.top_k:
@@ -155,6 +162,35 @@ def test_filtered_distribution_equals_transformers_warpers(params, candidates, m
         counts = torch.bincount(draws[:, row], minlength=301).double() / 400
         assert (counts[want[row] == 0] == 0).all()
         assert (counts - want[row]).abs().max() < 0.1
+
+
+@pytest.mark.parametrize("candidates", [None, 3, 5, 256])
+def test_nucleus_keeps_lowest_ids_among_ties(candidates, monkeypatch):
+    """Tokens tied at the nucleus edge: exactly as many as the nucleus needs, lowest ids first, however
+    the nucleus was searched (a candidate set may have cut through the ties)."""
+    _search_nucleus_among(candidates, monkeypatch)
+    V = 40
+    perm = torch.randperm(V)
+    # Row 0: one token of weight 4, four tied at 2, the rest 1 (total 47); top_p 0.2 keeps the big one
+    # and three of the four (mass before the 4th kept is 8/47 < 0.2 <= 10/47 before the 5th).
+    weights = torch.ones(V, dtype=torch.float64)
+    big, ties = int(perm[0]), perm[1:5].tolist()
+    weights[big] = 4
+    weights[ties] = 2
+    # Row 1: flat; top_p 0.51 keeps 21 of 40 (mass before the 21st is 0.5, before the 22nd 0.525).
+    logits = torch.stack([weights.log(), torch.zeros(V, dtype=torch.float64)]).float()
+    for row, top_p, want in [(0, 0.2, {big, *sorted(ties)[:3]}), (1, 0.51, set(range(21)))]:
+        probs, ids = filtered_probs(logits[row:row + 1], SamplingParams(1, top_p=top_p))
+        kept = (ids[0] if ids is not None else torch.arange(V))[probs[0] > 0]
+        assert set(kept.tolist()) == want
+
+
+def test_greedy_argmax_equals_torch_on_ties_and_nan():
+    from engine.sampler import _argmax
+    x = torch.randint(0, 4, (64, 37)).float()   # many tied maxima: the first one wins
+    x[torch.rand(64, 37) < 0.03] = float("nan")  # a NaN counts as the maximum, as in torch
+    assert torch.equal(_argmax(x), x.argmax(-1))
+    assert _argmax(x).dtype == torch.long
 
 
 def test_top_k_one_equals_greedy(one):
