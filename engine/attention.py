@@ -91,6 +91,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     kv = k.shape[1]
     scores = torch.matmul(q.reshape(B, kv, H // kv, D) * D ** -0.5, k.transpose(-1, -2))  # [B, KV, G, S]
     if mask is not None:
-        scores += torch.zeros(mask.shape, dtype=scores.dtype).masked_fill_(~mask, float("-inf"))
+        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
+        scores += bias.masked_fill_(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     return torch.matmul(probs, v).view(B, H, 1, D)
