@@ -2,7 +2,10 @@
 
 A rollout file is JSONL, one completion per line: `prompt` (a string or chat messages), `completion`,
 `reward` (float), `group` (shared by the K rollouts of one prompt); optional `behavior_logps` (one per
-completion token, `<|im_end|>` included when the rollout finished), `answer`, `source`, `finished`.
+completion token, the stop token included when the rollout finished), `answer`, `source`, `finished`,
+`completion_ids` (the sampled ids without the stop token) and `stop_id` (the stop token a finished
+rollout ended on; `<|im_end|>` when absent, so a rollout that stopped on `<|endoftext|>` trains on the
+token it sampled).
 Bad lines fail the run by default (`on_bad="fail"`) or are skipped and counted (`on_bad="skip"`);
 nothing is dropped silently.
 """
@@ -33,11 +36,12 @@ class Rollout:
     source: str | None = None
     finished: bool = True
     completion_ids: list[int] | None = None   # the sampled ids, when the rollout writer kept them
+    stop_id: int | None = None                 # the stop token a finished rollout ended on (None: <|im_end|>)
 
 
 @dataclasses.dataclass
 class Example:
-    """One tokenised rollout: ids = prompt (chat template + generation prompt) + completion (+ <|im_end|>)."""
+    """One tokenised rollout: ids = prompt (chat template + generation prompt) + completion (+ its stop id)."""
     ids: list[int]
     prompt_len: int
     reward: float
@@ -117,10 +121,16 @@ def _parse_line(raw: str, path: Path, line: int) -> Rollout:
     if cids is not None and (not isinstance(cids, list) or not all(
             isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in cids)):
         raise bad("expected a list of non-negative token ids", "completion_ids")
+    stop_id = obj.get("stop_id")
+    if stop_id is not None:
+        if isinstance(stop_id, bool) or not isinstance(stop_id, int) or stop_id < 0:
+            raise bad(f"expected a non-negative token id, got {_short(stop_id)}", "stop_id")
+        if not finished:
+            raise bad("a stop id for a rollout that did not finish (finished is false)", "stop_id")
     return Rollout(prompt=prompt, completion=completion, reward=float(reward), group=str(group), line=line,
                    behavior_logps=[float(x) for x in blp] if blp is not None else None,
                    answer=obj.get("answer"), source=obj.get("source"), finished=finished,
-                   completion_ids=cids)
+                   completion_ids=cids, stop_id=stop_id)
 
 
 def read_rollouts(path: str | os.PathLike, on_bad: str = "fail") -> tuple[list[Rollout], Skipped]:
@@ -159,9 +169,10 @@ def read_rollouts(path: str | os.PathLike, on_bad: str = "fail") -> tuple[list[R
 def tokenize_rollouts(rollouts: Sequence[Rollout], tokenizer: ChatTokenizer, max_len: int, path: str = "",
                       on_bad: str = "fail", enable_thinking: bool | None = None,
                       skipped: Skipped | None = None, vocab_size: int | None = None) -> list[Example]:
-    """Chat-template each prompt, append the completion ids and `<|im_end|>` (when finished).
+    """Chat-template each prompt, append the completion ids and, when finished, the stop id it ended on
+    (`<|im_end|>` unless the record names another).
 
-    The completion mask runs from the first assistant token through `<|im_end|>`. Sampled
+    The completion mask runs from the first assistant token through the stop token. Sampled
     `completion_ids` are checked against `vocab_size` (the model's; it may exceed the tokenizer's)."""
     skipped = skipped if skipped is not None else Skipped()
     group_ids: dict[str, int] = {}
@@ -176,11 +187,13 @@ def tokenize_rollouts(rollouts: Sequence[Rollout], tokenizer: ChatTokenizer, max
         # The sampled ids when kept: re-encoding the text can give another (canonical) tokenisation,
         # which would misalign behavior_logps and score tokens the policy never produced.
         sampled = r.completion_ids if r.completion_ids is not None else tokenizer.encode(r.completion)
-        completion_ids = sampled + ([tokenizer.im_end_id] if r.finished else [])
+        stop = r.stop_id if r.stop_id is not None else tokenizer.im_end_id
+        completion_ids = sampled + ([stop] if r.finished else [])
         if max(completion_ids, default=0) >= (vocab_size or tokenizer.vocab_size):
             bad_id = EngineError(f"token id {max(completion_ids)} outside the vocabulary "
                                  f"({vocab_size or tokenizer.vocab_size})", path=path, line=r.line,
-                                 field="completion_ids")
+                                 field="completion_ids" if max(sampled, default=0) == max(completion_ids)
+                                 else "stop_id")
             if on_bad == "fail":
                 raise bad_id
             skipped.add(bad_id)

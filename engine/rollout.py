@@ -223,7 +223,8 @@ def _rollout_chunk(model, tokenizer: ChatTokenizer, pending: Sequence[TaskItem],
             lines.append(json.dumps({
                 "prompt": messages[i], "completion": text, "reward": reward, "group": item.id,
                 "behavior_logps": gen.behavior_logps, "answer": item.gold, "source": source,
-                "finished": gen.finished, "completion_ids": body}, ensure_ascii=False) + "\n")
+                "finished": gen.finished, "completion_ids": body,
+                **({"stop_id": gen.token_ids[-1]} if gen.finished else {})}, ensure_ascii=False) + "\n")
         group["text"] = "".join(lines)
         groups.append(group)
     return groups

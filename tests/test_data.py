@@ -29,6 +29,9 @@ GOOD = {"prompt": "What is 2+2?", "completion": "#### 4", "reward": 1.0, "group"
     (json.dumps({**GOOD, "prompt": [{"role": "user"}]}), "prompt", "messages"),
     (json.dumps({**GOOD, "group": None}), "group", "string or integer"),
     (json.dumps({**GOOD, "behavior_logps": [0.5]}), "behavior_logps", "log-probs"),
+    (json.dumps({**GOOD, "stop_id": -3}), "stop_id", "non-negative token id"),
+    (json.dumps({**GOOD, "stop_id": True}), "stop_id", "non-negative token id"),
+    (json.dumps({**GOOD, "stop_id": 151643, "finished": False}), "stop_id", "did not finish"),
 ])
 def test_validation_names_file_line_field(tmp_path, line, field, message):
     path = tmp_path / "r.jsonl"
@@ -55,6 +58,26 @@ def test_completion_mask_and_chat_template(tok, tmp_path):
         n, p = len(examples[i].ids), examples[i].prompt_len
         assert b.mask[j].nonzero().flatten().tolist() == list(range(p, n))
         assert b.attention_mask[j].sum() == n
+
+
+def test_finished_rollout_ends_on_the_stop_id_it_sampled(tok, tmp_path):
+    """A rollout that stopped on <|endoftext|> trains on that token, not on an <|im_end|> it never
+    sampled (its behavior log-prob belongs to the token it did sample); without stop_id, <|im_end|>."""
+    endoftext = tok.encode("<|endoftext|>")[0]
+    assert endoftext != tok.im_end_id
+    body = tok.encode("#### 4")
+    rows = [{**GOOD, "completion_ids": body, "stop_id": endoftext, "behavior_logps": [-0.5] * (len(body) + 1)},
+            {**GOOD, "completion_ids": body},
+            {**GOOD, "completion_ids": body, "finished": False},
+            {**GOOD, "completion_ids": body, "stop_id": 10 ** 7}]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rollouts, _ = read_rollouts(path)
+    examples = tokenize_rollouts(rollouts[:3], tok, max_len=256)
+    assert [e.ids[e.prompt_len:] for e in examples] == [body + [endoftext], body + [tok.im_end_id], body]
+    with pytest.raises(EngineError, match="outside the vocabulary") as info:
+        tokenize_rollouts(rollouts, tok, max_len=256, path=str(path))
+    assert info.value.line == 4 and info.value.field == "stop_id"
 
 
 def test_too_long_and_behavior_length(tok, tmp_path):

@@ -106,6 +106,7 @@ def test_rollout_records(setup, tmp_path):
             body = g.token_ids[:-1] if g.finished else g.token_ids
             assert r["completion_ids"] == body and r["completion"] == tok.decode(body, skip_special_tokens=False)
             assert len(r["behavior_logps"]) == len(body) + r["finished"]
+            assert r.get("stop_id") == (g.token_ids[-1] if g.finished else None)
             assert r["reward"] == float(grade(r["completion"], item.gold))
             assert r["answer"] == item.gold and r["source"] == "gsm8k"
     # The trainer's reader accepts the file as written.
@@ -127,7 +128,8 @@ def test_rollout_rewards_and_stop_token(setup, tmp_path, monkeypatch):
             gold = prompt_to_gold[tuple(p)]
             answer = gold if j % 2 == 0 else str(int(gold) + 1)
             ids = tok.encode(f"So the answer is \\boxed{{{answer}}}.")
-            outs.append(Generation(ids + [tok.im_end_id], [-0.5] * (len(ids) + 1), True))
+            stop = tok.stop_ids[j // 2 % len(tok.stop_ids)]   # both stop tokens, each with both rewards
+            outs.append(Generation(ids + [stop], [-0.5] * (len(ids) + 1), True))
         return outs
 
     monkeypatch.setattr(rollout_mod, "generate", fake_generate)
@@ -138,6 +140,12 @@ def test_rollout_rewards_and_stop_token(setup, tmp_path, monkeypatch):
     for rs in groups.values():
         assert [r["reward"] for r in rs] == [1.0, 0.0]
         assert all(r["completion"].endswith("}.") and "<|im_end|>" not in r["completion"] for r in rs)
+    # Each record names the stop token it ended on, and the trainer's tokens end with that one.
+    from engine.data import read_rollouts, tokenize_rollouts
+    assert {r["stop_id"] for r in rows} == set(tok.stop_ids) and len(tok.stop_ids) == 2
+    examples = tokenize_rollouts(read_rollouts(out)[0], tok, max_len=512)
+    assert [e.ids[-1] for e in examples] == [r["stop_id"] for r in rows]
+    assert [e.ids[e.prompt_len:-1] for e in examples] == [r["completion_ids"] for r in rows]
 
 
 @pytest.fixture(scope="module")
