@@ -3,9 +3,10 @@
 A rollout file is JSONL, one completion per line: `prompt` (a string or chat messages), `completion`,
 `reward` (float), `group` (shared by the K rollouts of one prompt); optional `behavior_logps` (one per
 completion token, the stop token included when the rollout finished), `answer`, `source`, `finished`,
-`completion_ids` (the sampled ids without the stop token) and `stop_id` (the stop token a finished
+`completion_ids` (the sampled ids without the stop token), `stop_id` (the stop token a finished
 rollout ended on; `<|im_end|>` when absent, so a rollout that stopped on `<|endoftext|>` trains on the
-token it sampled).
+token it sampled) and `enable_thinking` (the chat template's switch the prompt was sampled with; a
+training config that sets it otherwise is an error).
 Bad lines fail the run by default (`on_bad="fail"`) or are skipped and counted (`on_bad="skip"`);
 nothing is dropped silently.
 """
@@ -37,6 +38,7 @@ class Rollout:
     finished: bool = True
     completion_ids: list[int] | None = None   # the sampled ids, when the rollout writer kept them
     stop_id: int | None = None                 # the stop token a finished rollout ended on (None: <|im_end|>)
+    enable_thinking: bool | None = None        # the chat template's switch at sampling time (None: not recorded)
 
 
 @dataclasses.dataclass
@@ -127,10 +129,13 @@ def _parse_line(raw: str, path: Path, line: int) -> Rollout:
             raise bad(f"expected a non-negative token id, got {_short(stop_id)}", "stop_id")
         if not finished:
             raise bad("a stop id for a rollout that did not finish (finished is false)", "stop_id")
+    thinking = obj.get("enable_thinking")
+    if thinking is not None and not isinstance(thinking, bool):
+        raise bad(f"expected true, false or null, got {_short(thinking)}", "enable_thinking")
     return Rollout(prompt=prompt, completion=completion, reward=float(reward), group=str(group), line=line,
                    behavior_logps=[float(x) for x in blp] if blp is not None else None,
                    answer=obj.get("answer"), source=obj.get("source"), finished=finished,
-                   completion_ids=cids, stop_id=stop_id)
+                   completion_ids=cids, stop_id=stop_id, enable_thinking=thinking)
 
 
 def read_rollouts(path: str | os.PathLike, on_bad: str = "fail") -> tuple[list[Rollout], Skipped]:
@@ -169,8 +174,8 @@ def read_rollouts(path: str | os.PathLike, on_bad: str = "fail") -> tuple[list[R
 def tokenize_rollouts(rollouts: Sequence[Rollout], tokenizer: ChatTokenizer, max_len: int, path: str = "",
                       on_bad: str = "fail", enable_thinking: bool | None = None,
                       skipped: Skipped | None = None, vocab_size: int | None = None) -> list[Example]:
-    """Chat-template each prompt, append the completion ids and, when finished, the stop id it ended on
-    (`<|im_end|>` unless the record names another).
+    """Chat-template each prompt (with the record's enable_thinking, else the argument's), append the
+    completion ids and, when finished, the stop id it ended on (`<|im_end|>` unless the record names another).
 
     The completion mask runs from the first assistant token through the stop token. Sampled
     `completion_ids` are checked against `vocab_size` (the model's; it may exceed the tokenizer's)."""
@@ -179,10 +184,19 @@ def tokenize_rollouts(rollouts: Sequence[Rollout], tokenizer: ChatTokenizer, max
     prompt_cache: dict[str, list[int]] = {}
     examples = []
     for r in rollouts:
-        key = json.dumps(r.prompt, sort_keys=True)
+        if None not in (r.enable_thinking, enable_thinking) and r.enable_thinking != enable_thinking:
+            conflict = EngineError(f"sampled with enable_thinking={r.enable_thinking}, but the training "
+                                   f"config sets enable_thinking={enable_thinking}", path=path, line=r.line,
+                                   field="enable_thinking")
+            if on_bad == "fail":
+                raise conflict
+            skipped.add(conflict)
+            continue
+        thinking = r.enable_thinking if r.enable_thinking is not None else enable_thinking
+        key = json.dumps([r.prompt, thinking], sort_keys=True)
         if key not in prompt_cache:
             prompt_cache[key] = tokenizer.encode_chat(r.prompt, add_generation_prompt=True,
-                                                      enable_thinking=enable_thinking)
+                                                      enable_thinking=thinking)
         prompt_ids = prompt_cache[key]
         # The sampled ids when kept: re-encoding the text can give another (canonical) tokenisation,
         # which would misalign behavior_logps and score tokens the policy never produced.

@@ -175,7 +175,8 @@ def rollout_items(model: torch.nn.Module, tokenizer: ChatTokenizer, items: Seque
         for first in range(0, len(chunks), ctx.world_size):
             mine = first + ctx.rank
             groups = _rollout_chunk(model, tokenizer, pending, messages, prompts, chunks[mine], params, k=k,
-                                    seed=seed, batch_size=batch_size, source=source, progress=progress) \
+                                    seed=seed, batch_size=batch_size, source=source,
+                                    enable_thinking=enable_thinking, progress=progress) \
                 if mine < len(chunks) else []
             for part in distributed.gather_json(ctx, groups):      # chunk order = one-process order
                 for group in part:
@@ -201,9 +202,12 @@ def rollout_items(model: torch.nn.Module, tokenizer: ChatTokenizer, items: Seque
 
 def _rollout_chunk(model, tokenizer: ChatTokenizer, pending: Sequence[TaskItem], messages, prompts, chunk: list[int],
                    params: SamplingParams, *, k: int, seed: int, batch_size: int, source: str,
-                   progress: "_Progress") -> list[dict[str, Any]]:
+                   enable_thinking: bool | None, progress: "_Progress") -> list[dict[str, Any]]:
     """Generate and grade the K completions of each item of `chunk`: one record per group with its
-    JSONL text (K lines), rewards, truncation and re-tokenisation counts."""
+    JSONL text (K lines), rewards, truncation and re-tokenisation counts. A record names the stop token
+    it ended on and, when set, the chat template's enable_thinking, so a trainer rebuilds the exact
+    token sequence that was sampled."""
+    template = {"enable_thinking": enable_thinking} if enable_thinking is not None else {}
     batch_prompts = [prompts[i] for i in chunk for _ in range(k)]
     seeds = [sequence_seed(seed, pending[i].id, j) for i in chunk for j in range(k)]
     gens = generate(model, batch_prompts, params, stop_ids=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
@@ -224,7 +228,8 @@ def _rollout_chunk(model, tokenizer: ChatTokenizer, pending: Sequence[TaskItem],
                 "prompt": messages[i], "completion": text, "reward": reward, "group": item.id,
                 "behavior_logps": gen.behavior_logps, "answer": item.gold, "source": source,
                 "finished": gen.finished, "completion_ids": body,
-                **({"stop_id": gen.token_ids[-1]} if gen.finished else {})}, ensure_ascii=False) + "\n")
+                **({"stop_id": gen.token_ids[-1]} if gen.finished else {}), **template},
+                ensure_ascii=False) + "\n")
         group["text"] = "".join(lines)
         groups.append(group)
     return groups

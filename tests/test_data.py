@@ -32,6 +32,7 @@ GOOD = {"prompt": "What is 2+2?", "completion": "#### 4", "reward": 1.0, "group"
     (json.dumps({**GOOD, "stop_id": -3}), "stop_id", "non-negative token id"),
     (json.dumps({**GOOD, "stop_id": True}), "stop_id", "non-negative token id"),
     (json.dumps({**GOOD, "stop_id": 151643, "finished": False}), "stop_id", "did not finish"),
+    (json.dumps({**GOOD, "enable_thinking": "no"}), "enable_thinking", "true, false or null"),
 ])
 def test_validation_names_file_line_field(tmp_path, line, field, message):
     path = tmp_path / "r.jsonl"
@@ -78,6 +79,26 @@ def test_finished_rollout_ends_on_the_stop_id_it_sampled(tok, tmp_path):
     with pytest.raises(EngineError, match="outside the vocabulary") as info:
         tokenize_rollouts(rollouts, tok, max_len=256, path=str(path))
     assert info.value.line == 4 and info.value.field == "stop_id"
+
+
+def test_prompt_templated_with_the_thinking_switch_it_was_sampled_with(tok, tmp_path):
+    rows = [{**GOOD, "enable_thinking": False}, GOOD, {**GOOD, "enable_thinking": None}]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rollouts, _ = read_rollouts(path)
+    off = tok.encode_chat(GOOD["prompt"], add_generation_prompt=True, enable_thinking=False)
+    as_is = tok.encode_chat(GOOD["prompt"], add_generation_prompt=True)
+    assert off != as_is   # Qwen3's template appends an empty think block when thinking is off
+    examples = tokenize_rollouts(rollouts, tok, max_len=256)
+    assert [e.ids[:e.prompt_len] for e in examples] == [off, as_is, as_is]
+    # The config's switch applies where the record has none; a contradicting one is an error.
+    examples = tokenize_rollouts(rollouts, tok, max_len=256, enable_thinking=False)
+    assert [e.ids[:e.prompt_len] for e in examples] == [off, off, off]
+    with pytest.raises(EngineError, match="sampled with enable_thinking=False") as info:
+        tokenize_rollouts(rollouts, tok, max_len=256, enable_thinking=True, path=str(path))
+    assert info.value.line == 1 and info.value.field == "enable_thinking"
+    kept = tokenize_rollouts(rollouts, tok, max_len=256, enable_thinking=True, on_bad="skip")
+    assert [e.line for e in kept] == [2, 3]
 
 
 def test_too_long_and_behavior_length(tok, tmp_path):

@@ -53,7 +53,7 @@ def no_surrogates(s: str) -> bool:
 
 # ---- rollouts (engine/data.py read_rollouts) -----------------------------------------------------
 ROLLOUT_FIELDS = ("prompt", "completion", "reward", "group", "behavior_logps", "finished", "completion_ids",
-                  "stop_id")
+                  "stop_id", "enable_thinking")
 REQUIRED = ("prompt", "completion", "reward", "group")
 VALID_ROLLOUT = st.fixed_dictionaries(
     {"prompt": st.text(min_size=1, max_size=20) | st.lists(st.fixed_dictionaries(
@@ -75,6 +75,7 @@ INVALID = {
     "finished": st.sampled_from([0, 1, "yes", None]),
     "completion_ids": st.sampled_from([[-1], ["x"], [True], 5, [1.5], {"a": 1}]),
     "stop_id": st.sampled_from([-1, "x", True, 1.5, [1], {"a": 1}]),
+    "enable_thinking": st.sampled_from([0, 1, "false", [True], {"a": 1}]),
 }
 
 

@@ -197,7 +197,7 @@ def test_rollout_refuses_damaged_or_foreign_files(setup, full_rollout, tmp_path,
     assert out.read_bytes() == before   # never truncated on a refusal
 
 
-def test_thinking_off_appends_empty_think_block(setup):
+def test_thinking_off_appends_empty_think_block(setup, tmp_path):
     model_dir, data = setup
     tok = engine.load_tokenizer(model_dir)
     items = load_task("gsm8k", "train", data_dir=data, limit=1)
@@ -205,6 +205,14 @@ def test_thinking_off_appends_empty_think_block(setup):
     _, (off,) = encode_prompts(tok, items, "boxed", False)
     assert off[:len(auto)] == auto and tok.decode(off[len(auto):]) == "<think>\n\n</think>\n\n"
     assert tok.decode(auto[-3:], skip_special_tokens=False) == "<|im_start|>assistant\n"
+    # The rollout file records the switch, so the trainer rebuilds the prompt that was sampled from.
+    from engine.data import read_rollouts, tokenize_rollouts
+    for flag, want, field in (("off", off, False), ("auto", auto, None)):
+        out = tmp_path / f"{flag}.jsonl"
+        assert _rollout(setup, out, "--limit", 1, "--thinking", flag).exit_code == 0
+        assert [json.loads(line).get("enable_thinking") for line in out.read_text().splitlines()] == [field] * 2
+        examples = tokenize_rollouts(read_rollouts(out)[0], tok, max_len=512)
+        assert [e.ids[:e.prompt_len] for e in examples] == [want, want]
 
 
 def test_eval_greedy_files_and_interval(setup, tmp_path):
