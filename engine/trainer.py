@@ -131,6 +131,10 @@ class Trainer:
             self.dedup_dropped = len(self.examples) - int(sum(bool(k) for k in keep))
             self.examples = [e for e, k in zip(self.examples, keep) if k]
         self.units = build_units(self.examples, cfg)
+        # Rows a loss ignores entirely (RFT: the incorrect ones) add exactly 0 to a step: not forwarded.
+        # Steps still visit the same groups for every loss (the plan below is built from all rows).
+        counts = losses.rows_that_count(cfg.loss)
+        self.counted = counts(torch.tensor([e.reward for e in self.examples])).tolist() if counts else None
         self.plan = plan_steps(self.units.rows, self.units.size, cfg.batch_size, cfg.steps, cfg.seed)
         if cfg.full_finetune:
             for p in self.model.parameters():
@@ -185,7 +189,10 @@ class Trainer:
         return out
 
     def _my_units(self, units: list[list[int]]) -> list[list[int]]:
-        """This rank's share of a step's units (all of them on one process)."""
+        """This rank's share of a step's units (all of them on one process), less the rows the loss
+        ignores."""
+        if self.counted is not None:
+            units = [kept for kept in ([i for i in u if self.counted[i]] for u in units) if kept]
         if not self.dist.enabled:
             return units
         lengths = [len(e.ids) for e in self.examples]

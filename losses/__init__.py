@@ -20,7 +20,7 @@ from losses import dft, dpo, grpo, rft, rift, sft
 from losses.base import LossInputError, LossInputs, UnknownLossError
 
 __all__ = ["LossInputs", "LossInputError", "UnknownLossError", "get", "get_normalizer", "names",
-           "hyperparameters"]
+           "hyperparameters", "rows_that_count"]
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]
 NormalizerFn = Callable[..., float]
@@ -78,3 +78,11 @@ def get_normalizer(name: str) -> NormalizerFn:
         return normalizer_fn(mask, rewards, pairs, **hparams)
     checked.__doc__ = normalizer_fn.__doc__
     return checked
+
+
+def rows_that_count(name: str) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """`fn(rewards [N]) -> [N] bool`: the rollouts whose terms can be nonzero, for a loss that ignores
+    the others entirely (their loss, normaliser and gradient contributions are exactly 0, so a trainer
+    need not forward them); None when every rollout can count. A loss module opts in by defining
+    `rows_that_count`."""
+    return getattr(_module(name), "rows_that_count", None)

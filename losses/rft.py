@@ -22,6 +22,11 @@ def normalizer(mask: torch.Tensor, rewards: torch.Tensor, pairs: torch.Tensor | 
     return selection_normalizer(mask, correct_rows(rewards), aggregation)
 
 
+def rows_that_count(rewards: torch.Tensor) -> torch.Tensor:
+    """[N] bool: only correct rollouts enter the loss, the normaliser and the gradient."""
+    return correct_rows(rewards)
+
+
 def loss(inputs: LossInputs, *, aggregation: str = "token_mean") -> tuple[torch.Tensor, dict]:
     """Negative log-likelihood of the correct rollouts' tokens. Returns (scalar loss, stats)."""
     require_binary(inputs.rewards, "rft")

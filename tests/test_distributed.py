@@ -92,7 +92,10 @@ def test_two_fsdp_ranks_equal_one_process(runs, loss):
     for mine, ref in zip(rows, reference):
         # Same global batch, normaliser and schedule; the 4 micro-batches are split over 2 ranks.
         assert (mine["tokens"], mine["normaliser"], mine["lr"]) == (ref["tokens"], ref["normaliser"], ref["lr"])
-        assert mine["micro_batches"] == ref["micro_batches"] >= 4
+        if loss == "rft":   # only the correct rows are forwarded: the ranks pack fewer, unevenly
+            assert ref["micro_batches"] >= 1 and mine["micro_batches"] >= 1
+        else:
+            assert mine["micro_batches"] == ref["micro_batches"] >= 4
         assert abs(mine["loss"] - ref["loss"]) <= 1e-5 * max(1.0, abs(ref["loss"]))
     assert launch.stdout.count(f"{loss}: adapter written") == 1  # rank 0 alone reports
 

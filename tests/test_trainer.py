@@ -76,6 +76,38 @@ def test_accumulation_equals_one_batch(setup, tmp_path, loss):
     assert (grads[0] - grads[1]).norm() <= 1e-5 * grads[0].norm()
 
 
+@pytest.mark.parametrize("all_wrong", [False, True], ids=["mixed", "no-correct-rollout"])
+def test_rft_skips_incorrect_rows_with_the_same_updates(setup, tmp_path, all_wrong):
+    """RFT never forwards the incorrect rollouts (they add exactly 0): the adapters after a few steps
+    equal those of a run that forwards every row, with fewer tokens per step. A step without a correct
+    rollout forwards nothing and still steps the optimizer (weight decay) as the full run does."""
+    runs = []
+    for skip in (True, False):
+        t = Trainer(_cfg(setup, tmp_path / f"skip{skip}", loss="rft", steps=3, micro_batch_size=5,
+                         weight_decay=0.1), progress=False)
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in engine.lora.lora_modules(t.model).values():
+                m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=gen))
+        if all_wrong:
+            for e in t.examples:
+                e.reward = 0.0
+            t.counted = [False] * len(t.examples)
+        assert t.counted is not None and sum(t.counted) < len(t.examples)
+        if not skip:
+            t.counted = None
+        start = {n: p.detach().clone() for n, p in t.model.named_parameters() if "lora_" in n}
+        tokens = [t.train_step(step)["tokens"] for step in range(3)]
+        runs.append((tokens, {n: p.detach().clone() for n, p in t.model.named_parameters() if "lora_" in n}))
+    (skip_tokens, skipped), (full_tokens, full) = runs
+    assert all(a < b for a, b in zip(skip_tokens, full_tokens)), (skip_tokens, full_tokens)
+    if all_wrong:
+        assert skip_tokens == [0, 0, 0]
+    for name, value in full.items():
+        assert torch.allclose(skipped[name], value, atol=1e-6, rtol=1e-5), name
+    assert max(float((full[n] - start[n]).abs().max()) for n in full) > 1e-4   # the steps did update
+
+
 def test_resume_is_bit_identical(setup, tmp_path):
     full = train(_cfg(setup, tmp_path / "a", loss="dpo", steps=6, save_every=3), progress=False)
     # An interrupted run: 3 steps and a checkpoint, then the process is gone.
