@@ -2,7 +2,8 @@
 
 The final hidden states go through the LM head and a log-softmax over row chunks. Without autograd
 (reference log-probs, evaluation) that is `triton_kernels.linear_logprob` (Triton on CUDA, chunked torch
-elsewhere). In training on the torch path, `_HeadLogprobWithJacobian` instead forms each row's gradient
+elsewhere), except for a compacted head on the torch path, which goes through the blockwise loop below
+without its Jacobian. In training on the torch path, `_HeadLogprobWithJacobian` instead forms each row's gradient
 d logp / d h = W[target] - softmax(h W^T) W inside the forward while the chunk's logits are at hand:
 two GEMMs over the vocabulary instead of three (no logits recomputation in the backward), and the
 backward is one [N, H] row scaling.
@@ -63,9 +64,13 @@ def head_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
                  buffer_bytes: int = HEAD_BUFFER_BYTES) -> torch.Tensor:
     """log softmax(hidden W^T)[targets], float32 [N]; hidden [N, H], weight [V, H] frozen, targets [N].
     Differentiable in hidden; see the module docstring for which path runs. `buffer_bytes` bounds the
-    torch training path's logits buffer."""
+    torch path's logits buffer."""
     needs_grad = torch.is_grad_enabled() and hidden.requires_grad
-    if not needs_grad or hidden.dtype != torch.float32 or dispatch.use_triton(hidden, weight, targets):
+    # Without autograd the torch path is linear_logprob's, unless the head is stored narrower than the
+    # compute dtype (compacted): that one would cast the whole [V, H] head per call (0.6 GB for Qwen3),
+    # where the blockwise loop below casts one vocabulary block at a time.
+    blockwise = needs_grad or weight.dtype != hidden.dtype
+    if not blockwise or hidden.dtype != torch.float32 or dispatch.use_triton(hidden, weight, targets):
         return linear_logprob(hidden, weight, targets)
     if targets.numel():
         low, high = torch.stack(torch.aminmax(targets)).tolist()
@@ -76,48 +81,63 @@ def head_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     elems = max(buffer_bytes // 4, MIN_VOCAB_BLOCK)
     block = min(V, max(MIN_VOCAB_BLOCK, elems // max(N, 1)))
     rows = max(1, min(N, elems // block))
+    if not needs_grad:
+        return _online_head(hidden, weight, targets, rows, block, jacobian=False)[0]
     return _HeadLogprobWithJacobian.apply(hidden, weight, targets, rows, block)
 
 
-class _HeadLogprobWithJacobian(torch.autograd.Function):
-    """float32 torch path. Per chunk of `rows` token rows, an online log-sum-exp over vocabulary blocks
-    W_b of `block` rows: z = h W_b^T; m' = max(m, max z); s = s e^(m - m') + sum e^(z - m');
+def _online_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, block: int,
+                 jacobian: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per chunk of `rows` token rows, an online log-sum-exp over vocabulary blocks W_b of `block` rows:
+    z = h W_b^T; m' = max(m, max z); s = s e^(m - m') + sum e^(z - m'); with `jacobian` also
     acc = acc e^(m - m') + e^(z - m') W_b. Then lse = m + log s, logp = h . W[t] - lse and
-    J = W[t] - acc / s (= W[t] - softmax W). Backward: grad_h = g[:, None] * J."""
+    J = W[t] - acc / s (= W[t] - softmax W). Returns (logp [N], J [N, H] or None)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    w_target = weight[targets].to(hidden.dtype)                 # [N, H]
+    logp = (hidden * w_target).sum(1)                           # target logits, then - lse
+    jac = torch.empty_like(hidden) if jacobian else None        # acc, then J
+    buf = hidden.new_empty(min(rows, N) * min(block, V))
+    # A compacted (bf16-stored) head is cast block by block into the shared cast workspace.
+    cast = workspace(min(block, V) * weight.shape[1], hidden.dtype, hidden.device).view(-1, weight.shape[1]) \
+        if weight.dtype != hidden.dtype else None
+    for r0 in range(0, N, rows):
+        h = hidden[r0:r0 + rows]
+        acc = jac[r0:r0 + rows] if jac is not None else None
+        n = h.shape[0]
+        for v0 in range(0, V, block):
+            w = weight[v0:v0 + block]
+            if cast is not None:
+                w = cast[:w.shape[0]].copy_(w)
+            z = torch.mm(h, w.t(), out=buf[: n * w.shape[0]].view(n, w.shape[0]))
+            if v0 == 0:
+                m = z.amax(1)
+                e = z.sub_(m[:, None]).exp_()
+                s = e.sum(1)
+                if acc is not None:
+                    torch.mm(e, w, out=acc)
+                continue
+            m_new = torch.maximum(m, z.amax(1))
+            rescale = (m - m_new).exp_()
+            e = z.sub_(m_new[:, None]).exp_()
+            s = s.mul_(rescale).add_(e.sum(1))
+            if acc is not None:
+                acc.mul_(rescale[:, None]).addmm_(e, w)
+            m = m_new
+        logp[r0:r0 + rows] -= m + s.log()
+        if acc is not None:
+            acc.div_(s[:, None])
+    if jac is not None:
+        torch.sub(w_target, jac, out=jac)
+    return logp, jac
+
+
+class _HeadLogprobWithJacobian(torch.autograd.Function):
+    """float32 torch path: `_online_head` with the Jacobian formed in the forward. Backward:
+    grad_h = g[:, None] * J."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, block: int):
-        N, V = hidden.shape[0], weight.shape[0]
-        w_target = weight[targets].to(hidden.dtype)                 # [N, H]
-        logp = (hidden * w_target).sum(1)                           # target logits, then - lse
-        jac = torch.empty_like(hidden)                              # acc, then J
-        buf = hidden.new_empty(min(rows, N) * min(block, V))
-        # A compacted (bf16-stored) head is cast block by block into the shared cast workspace.
-        cast = workspace(min(block, V) * weight.shape[1], hidden.dtype, hidden.device).view(-1, weight.shape[1]) \
-            if weight.dtype != hidden.dtype else None
-        for r0 in range(0, N, rows):
-            h, acc = hidden[r0:r0 + rows], jac[r0:r0 + rows]
-            n = h.shape[0]
-            for v0 in range(0, V, block):
-                w = weight[v0:v0 + block]
-                if cast is not None:
-                    w = cast[:w.shape[0]].copy_(w)
-                z = torch.mm(h, w.t(), out=buf[: n * w.shape[0]].view(n, w.shape[0]))
-                if v0 == 0:
-                    m = z.amax(1)
-                    e = z.sub_(m[:, None]).exp_()
-                    s = e.sum(1)
-                    torch.mm(e, w, out=acc)
-                    continue
-                m_new = torch.maximum(m, z.amax(1))
-                rescale = (m - m_new).exp_()
-                e = z.sub_(m_new[:, None]).exp_()
-                s = s.mul_(rescale).add_(e.sum(1))
-                acc.mul_(rescale[:, None]).addmm_(e, w)
-                m = m_new
-            logp[r0:r0 + rows] -= m + s.log()
-            acc.div_(s[:, None])
-        torch.sub(w_target, jac, out=jac)
+        logp, jac = _online_head(hidden, weight, targets, rows, block, jacobian=True)
         ctx.save_for_backward(jac)
         return logp
 

@@ -97,6 +97,22 @@ def test_head_logprob_with_jacobian(N, V, H, buffer):
     _check(lambda h: logprobs.head_logprob(h, W, t, buffer), ref, [h], (0,), 1e-5)
 
 
+@pytest.mark.parametrize("N,V,H,buffer", [(7, 1000, 24, 2**20), (37, 9000, 16, 4 * 4096 * 5)])
+def test_head_logprob_without_grad_on_a_compacted_head(N, V, H, buffer, monkeypatch):
+    """Reference log-probs with a bf16-stored head and float32 compute: the blockwise loop (one cast
+    vocabulary block at a time, no whole-head cast), equal to float64 log_softmax."""
+    W = (0.5 * torch.randn(V, H)).bfloat16()
+    W[-1] += 3.0
+    h = torch.randn(N, H)
+    t = torch.randint(0, V, (N,))
+    t[0] = V - 1
+    monkeypatch.setattr(logprobs, "linear_logprob", lambda *a: pytest.fail("the whole head was cast"))
+    with torch.no_grad():
+        got = logprobs.head_logprob(h, W, t, buffer)
+    want = torch.log_softmax(h.double() @ W.double().t(), -1).gather(1, t[:, None])[:, 0]
+    assert got.dtype == torch.float32 and _rel(got, want) < 1e-5
+
+
 def test_head_logprob_rejects_bad_ids():
     h = torch.randn(3, 4, requires_grad=True)
     with pytest.raises(EngineError):
