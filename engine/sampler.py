@@ -95,7 +95,7 @@ def check_context(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
 
 DROP_FINISHED_FRACTION = 0.25  # drop finished rows from the batch once they are this share of it
 # Top-p over a vocabulary of at most this size sorts whole rows (values only); a larger one looks for
-# the nucleus among NUCLEUS_CANDIDATES top tokens first and sorts whole rows only when it reaches past them.
+# the nucleus among NUCLEUS_CANDIDATES top tokens first and sorts the whole row only where it reaches past them.
 NUCLEUS_SORT_ALL = 4096
 NUCLEUS_CANDIDATES = 256
 
@@ -120,14 +120,20 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams, probs_t1: torch
         return vals, ids
     if params.top_p == 1:
         return probs, None
-    if V > NUCLEUS_SORT_ALL:
-        vals, ids = _candidates(probs, min(V, NUCLEUS_CANDIDATES))
-        keep, smallest_kept, desc = _nucleus(vals, params.top_p)
-        # Complete unless some row keeps its smallest candidate: tokens left out may equal it or
-        # belong to the nucleus. Then sort whole rows (widening step by step measured slower).
-        if not bool((desc[:, -1:] >= smallest_kept).any()):
-            return vals * keep, ids
-    return probs * _nucleus(probs, params.top_p)[0], None
+    if V <= NUCLEUS_SORT_ALL:
+        return probs * _nucleus(probs, params.top_p)[0], None
+    vals, ids = _candidates(probs, min(V, NUCLEUS_CANDIDATES))
+    keep, smallest_kept, desc = _nucleus(vals, params.top_p)
+    # A row's nucleus is complete unless it keeps its smallest candidate: tokens left out may equal
+    # it or belong to the nucleus. Only those rows sort the whole vocabulary (widening step by step
+    # measured slower).
+    wide = (desc[:, -1:] >= smallest_kept).squeeze(1)
+    if not bool(wide.any()):
+        return vals * keep, ids
+    out = torch.zeros_like(probs).scatter_(-1, ids, vals * keep)
+    rows = wide.nonzero().squeeze(1)
+    out[rows] = probs[rows] * _nucleus(probs[rows], params.top_p)[0]
+    return out, None
 
 
 def _candidates(probs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
