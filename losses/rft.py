@@ -23,7 +23,9 @@ def normalizer(mask: torch.Tensor, rewards: torch.Tensor, pairs: torch.Tensor | 
 
 
 def rows_that_count(rewards: torch.Tensor) -> torch.Tensor:
-    """[N] bool: only correct rollouts enter the loss, the normaliser and the gradient."""
+    """[N] bool: only correct rollouts enter the loss, the normaliser and the gradient. Rewards must
+    be binary here too: the rows left out never reach `loss`'s check."""
+    require_binary(rewards, "rft")
     return correct_rows(rewards)
 
 
