@@ -132,7 +132,8 @@ def filtered_probs(logits: torch.Tensor, params: SamplingParams, probs_t1: torch
         return vals * keep, ids
     out = torch.zeros_like(probs).scatter_(-1, ids, vals * keep)
     rows = wide.nonzero().squeeze(1)
-    out[rows] = probs[rows] * _nucleus(probs[rows], params.top_p)[0]
+    sub = probs[rows]
+    out[rows] = sub * _nucleus(sub, params.top_p)[0]
     return out, None
 
 
