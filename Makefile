@@ -11,7 +11,7 @@ else
 DEPS :=
 endif
 
-.PHONY: demo test test-fast bench profile lint clean
+.PHONY: demo test test-fast bench profile clean
 
 $(VENV)/.installed: requirements.lock pyproject.toml
 	python3 -m venv $(VENV)
@@ -34,6 +34,12 @@ test-fast: $(DEPS)
 
 profile: $(DEPS)
 	$(PYTHON) cli.py profile
+
+# The side-by-side benchmarks of BENCHMARKS.md (minutes on a 2-core CPU): generation against
+# transformers' generate, then a training step against transformers + PEFT (Qwen3-0.6B shape).
+bench: $(DEPS)
+	$(PYTHON) benchmarks/bench_generate.py
+	$(PYTHON) cli.py bench --steps 4
 
 clean:
 	rm -rf $(VENV) .pytest_cache

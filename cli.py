@@ -133,10 +133,15 @@ def _generation_options(f):
 @click.option("--out", required=True, type=click.Path(), help="Rollouts JSONL (appended; resumes).")
 def rollout(max_new_tokens, temperature, top_p, top_k, **flags) -> None:
     """Sample K graded completions per prompt into a rollouts JSONL (the trainer's input)."""
+    from engine import distributed
     from engine.rollout import run_rollout
     from engine.sampler import SamplingParams
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
-    run_rollout(params=params, echo=click.echo, **flags)
+    try:
+        run_rollout(params=params, echo=click.echo, **flags)
+    finally:
+        distributed.shutdown()
+    _exit_if_distributed()
 
 
 @main.command("eval")
@@ -145,8 +150,13 @@ def rollout(max_new_tokens, temperature, top_p, top_k, **flags) -> None:
 @click.option("--out", default=None, type=click.Path(), help="Directory for <task>_<split>.jsonl + summary.")
 def eval_command(**flags) -> None:
     """Greedy pass@1 with a 95% Wilson interval; per-item results for McNemar."""
+    from engine import distributed
     from engine.rollout import run_eval
-    run_eval(echo=click.echo, **flags)
+    try:
+        run_eval(echo=click.echo, **flags)
+    finally:
+        distributed.shutdown()
+    _exit_if_distributed()
 
 
 @main.command()

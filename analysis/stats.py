@@ -6,7 +6,6 @@ the p-values need no special functions and no scipy.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from fractions import Fraction
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from engine.errors import EngineError
+from engine.fsio import jsonl_objects
 from engine.rollout import wilson_interval
 
 
@@ -42,19 +42,7 @@ def read_items(path: str | os.PathLike) -> dict[str, bool]:
     'summary' key, or 'accuracy' without 'id') is skipped."""
     path = Path(path)
     out: dict[str, bool] = {}
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise EngineError(f"cannot read eval file ({e})", path=path) from None
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EngineError(f"not valid JSON ({e.msg})", path=path, line=no) from None
-        if not isinstance(obj, dict):
-            raise EngineError("expected a JSON object per line", path=path, line=no)
+    for no, obj in jsonl_objects(path, "eval file"):
         if "summary" in obj or ("id" not in obj and "accuracy" in obj):
             continue                       # a summary line, not an item
         if "id" not in obj:

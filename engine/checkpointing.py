@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from .checkpoint import resolve_model_dir, write_model_files
 from .errors import EngineError
-from .fsio import atomic_dir, atomic_file
+from .fsio import atomic_dir, atomic_file, jsonl_lines
 from .lora import adapter_config_dict, load_adapter, read_adapter_config, write_adapter_files
 from .train_config import TrainConfig
 
@@ -256,11 +256,13 @@ class MetricsLog:
         path = self.path
         kept = []
         if path.is_file():
-            for line in path.read_text().splitlines():
+            for _, line in jsonl_lines(path.read_text(encoding="utf-8", errors="replace")):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
                     continue  # a line torn by a kill
+                if not isinstance(row, dict):
+                    continue
                 if "step" in row and row["step"] > keep_until:
                     continue
                 if keep_until == 0 and "event" not in row:

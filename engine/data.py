@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from .errors import EngineError, is_finite_number
+from .fsio import JSON_WHITESPACE
 from .tokenizer import ChatTokenizer
 
 
@@ -158,7 +159,7 @@ def read_rollouts(path: str | os.PathLike, on_bad: str = "fail") -> tuple[list[R
                 except UnicodeDecodeError as e:
                     raise EngineError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=path,
                                       line=line_no) from None
-                if not raw.strip():
+                if not raw.strip(JSON_WHITESPACE):
                     continue
                 rollouts.append(_parse_line(raw, path, line_no))
             except EngineError as e:

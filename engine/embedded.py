@@ -17,6 +17,7 @@ import torch
 
 from .checkpoint import save_model
 from .config import Qwen3Config
+from .fsio import jsonl_lines
 from .model import Qwen3ForCausalLM
 from .train_config import REPO_ROOT, load_config
 
@@ -82,7 +83,7 @@ def build(out: str | Path = REPO_ROOT / "embedded", *, seed: int = 0, pretrain_s
                 params=SamplingParams(max_new_tokens=160, temperature=1.0), batch_size=64, seed=seed,
                 style="plain", echo=echo)
     groups: dict[str, list[float]] = {}
-    for line in rollouts.read_text().splitlines():
+    for _, line in jsonl_lines(rollouts.read_text(encoding="utf-8")):
         row = json.loads(line)
         groups.setdefault(row["group"], []).append(row["reward"])
     mixed = sum(1 for r in groups.values() if 0 < sum(r) < len(r))

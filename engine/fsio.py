@@ -13,6 +13,41 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import EngineError
+
+
+JSON_WHITESPACE = " \t\r\n"  # the only characters JSON allows between values
+
+
+def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(line number, line) for each line of JSON-lines `text` holding more than JSON whitespace.
+    Lines end at "\n" only: str.splitlines() also breaks at U+2028, U+0085 and \x1c-\x1e, which a
+    JSON string may hold unescaped (json.dumps(..., ensure_ascii=False) writes them raw); and
+    str.strip() counts \x1c-\x1f as blank, which JSON does not (such a line is an error, not a gap)."""
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip(JSON_WHITESPACE):
+            yield number, line
+
+
+def jsonl_objects(path: str | os.PathLike, what: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file of objects. A file that cannot
+    be read or is not UTF-8, a line that is not JSON or not an object: EngineError naming the file (and
+    the line). `what` names the file in the message ("eval file")."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EngineError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=path) from None
+    except OSError as e:
+        raise EngineError(f"cannot read the {what} ({e.strerror})", path=path) from None
+    for number, line in jsonl_lines(text):
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EngineError(f"not valid JSON ({e.msg}, column {e.colno})", path=path, line=number) from None
+        if not isinstance(obj, dict):
+            raise EngineError(f"expected a JSON object, got {type(obj).__name__}", path=path, line=number)
+        yield number, obj
+
 
 def _umask() -> int:
     mask = os.umask(0)

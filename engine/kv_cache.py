@@ -37,6 +37,16 @@ class KVCache:
         self.v[layer, :, :, start:end] = v
         return keys[:, :, :end], self.v[layer, :, :, :end]
 
+    def window(self, rows: slice, start: int) -> "KVCache":
+        """An empty cache over rows `rows` whose position 0 is this cache's position `start`, sharing this
+        cache's storage: a forward pass on it fills those rows from `start` on (a group of shorter
+        prompts prefilled on its own, right-aligned with the longest)."""
+        view = object.__new__(KVCache)
+        view.keys_transposed, view.max_len, view.length = self.keys_transposed, self.max_len - start, 0
+        view.k = self.k[:, rows, :, :, start:] if self.keys_transposed else self.k[:, rows, :, start:]
+        view.v = self.v[:, rows, :, start:]
+        return view
+
     def advance(self, n: int) -> None:
         """Called by the model once every layer has written its n new positions."""
         self.length += n

@@ -9,7 +9,6 @@ Every problem with a data file raises `EngineError` naming the file, line and fi
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine.errors import EngineError
+from engine.fsio import jsonl_objects
 
 __all__ = ["TaskItem", "TaskLoader", "register_task", "task_names", "load_task", "default_data_dir",
            "build_prompt", "answer_text", "PROMPT_STYLES"]
@@ -95,21 +95,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; errors name the file and line."""
     if not path.is_file():
         raise EngineError("data file not found (set --data-dir or ENGINE_DATA_DIR)", path=path)
-    rows = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EngineError(f"invalid JSON: {e.msg} (column {e.colno})", path=path, line=lineno) from None
-                if not isinstance(record, dict):
-                    raise EngineError(f"expected a JSON object, got {type(record).__name__}", path=path, line=lineno)
-                rows.append((lineno, record))
-    except UnicodeDecodeError as e:
-        raise EngineError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=path) from None
+    rows = list(jsonl_objects(path, "data file"))
     if not rows:
         raise EngineError("data file has no records", path=path)
     return rows

@@ -212,7 +212,7 @@ class Trainer:
             counts = distributed.gather_json(self.dist, [local, len(micro)])
             normaliser, passes = sum(c[0] for c in counts), max(c[1] for c in counts)
             self.micro_batches_in_step = sum(c[1] for c in counts)
-        total_loss, stats_sum, tokens, bad = 0.0, {}, 0, None
+        total_loss, parts, tokens, bad = 0.0, [], 0, None
         for b, pairs in micro:
             logps = token_logprobs(self.model, b.input_ids, b.attention_mask, score_mask=b.mask)
             inputs = LossInputs(logps=logps, mask=b.mask, rewards=b.rewards, group_ids=b.group_ids,
@@ -226,27 +226,20 @@ class Trainer:
                 loss.backward()
             total_loss += float(loss.detach())
             tokens += int(b.attention_mask.sum())
-            for k, v in stats.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    stats_sum.setdefault(k, []).append(v)
+            parts.append(stats)
         if self.fsdp:
             # FSDP all-gathers weights inside every forward/backward: each rank runs as many passes.
             for _ in range(passes - len(micro)):
                 self._idle_pass(backward)
         if self.dist.enabled:
-            parts = distributed.gather_json(self.dist, [total_loss, tokens, stats_sum, bad])
-            total_loss, tokens = sum(p[0] for p in parts), sum(p[1] for p in parts)
-            stats_sum = {}
-            for p in parts:
-                for k, v in p[2].items():
-                    stats_sum.setdefault(k, []).extend(v)
-            bad = next((p[3] for p in parts if p[3] is not None), None)
+            parts = [{k: v for k, v in p.items() if isinstance(v, (int, float))} for p in parts]
+            ranks = distributed.gather_json(self.dist, [total_loss, tokens, parts, bad])
+            total_loss, tokens = sum(r[0] for r in ranks), sum(r[1] for r in ranks)
+            parts = [p for r in ranks for p in r[2]]
+            bad = next((r[3] for r in ranks if r[3] is not None), None)
         if bad is not None:
             raise TrainingDiverged(bad)
-        # Counts add up over micro-batches; rates and means are averaged.
-        merged = {k: (sum(v) if all(isinstance(x, int) for x in v) else sum(v) / len(v))
-                  for k, v in stats_sum.items()}
-        return total_loss, merged, tokens, normaliser
+        return total_loss, losses.merge_stats(parts), tokens, normaliser
 
     def _idle_pass(self, backward: bool) -> None:
         """A forward (and backward) that adds exactly zero: keeps FSDP's collectives in step on a

@@ -17,10 +17,10 @@ from types import ModuleType
 import torch
 
 from losses import dft, dpo, grpo, rft, rift, sft
-from losses.base import LossInputError, LossInputs, UnknownLossError
+from losses.base import LossInputError, LossInputs, UnknownLossError, merge_stats
 
 __all__ = ["LossInputs", "LossInputError", "UnknownLossError", "get", "get_normalizer", "names",
-           "hyperparameters", "rows_that_count"]
+           "hyperparameters", "rows_that_count", "merge_stats"]
 
 LossFn = Callable[..., tuple[torch.Tensor, dict]]
 NormalizerFn = Callable[..., float]

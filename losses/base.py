@@ -225,3 +225,39 @@ def finish(loss: torch.Tensor, stats: dict) -> tuple[torch.Tensor, dict]:
     """Attach the loss value to the stats (python float) and return the pair."""
     stats["loss"] = float(loss.detach())
     return loss, stats
+
+
+# How a step's stats combine over its micro-batches (and ranks): each micro-batch's stats describe only
+# its own rows, so counts add up, extremes take the extreme, and means are weighted by the count they
+# were taken over. A float stat not listed here is averaged with equal weights.
+_WEIGHTED_MEANS = {"mean_token_prob": "tokens_used", "clip_fraction": "tokens_used", "ratio_mean": "tokens_used",
+                   "kl": "tokens_used", "advantage_mean": "rows", "reward_margin": "pairs",
+                   "reward_accuracy": "pairs", "chosen_logratio": "pairs", "rejected_logratio": "pairs"}
+_SAME_IN_EVERY_PART = {"step_normalizer", "literal_variant"}  # one value per step, not per micro-batch
+_SUMMED_FLOATS = {"loss", "normalizer"}  # each micro-batch's loss is already divided by the step's count
+
+
+def merge_stats(parts: list[dict]) -> dict[str, float | int]:
+    """One optimizer step's stats from its micro-batches' stats (numbers only; other values are dropped).
+    The merged "loss" is the step's loss, since each part's loss was divided by the step normaliser."""
+    values: dict[str, list] = {}
+    for part in parts:
+        for key, value in part.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                values.setdefault(key, []).append(value)
+    merged: dict[str, float | int] = {}
+    for key, vals in values.items():
+        weight_key = _WEIGHTED_MEANS.get(key)
+        if key in _SAME_IN_EVERY_PART:
+            merged[key] = max(vals)
+        elif key.endswith("_min") or key.endswith("_max"):
+            merged[key] = min(vals) if key.endswith("_min") else max(vals)
+        elif key in _SUMMED_FLOATS or all(isinstance(v, int) for v in vals):
+            merged[key] = sum(vals)
+        elif weight_key is not None and all(weight_key in p for p in parts if key in p):
+            weights = [p[weight_key] for p in parts if key in p]
+            total = sum(weights)
+            merged[key] = sum(w * v for w, v in zip(weights, vals)) / total if total else 0.0
+        else:
+            merged[key] = sum(vals) / len(vals)
+    return merged

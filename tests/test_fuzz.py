@@ -116,6 +116,8 @@ def render(record: dict, mut) -> tuple[bytes, str | None]:
 
 
 @FUZZ
+@example(before=[], record={"prompt": "0", "completion": "0", "reward": 0, "group": ""},  # found by a long run
+         mut=("text", None, "\x1f"), after=[], blank=False)
 @given(before=st.lists(VALID_ROLLOUT, max_size=3), record=VALID_ROLLOUT, mut=mutation(),
        after=st.lists(VALID_ROLLOUT, max_size=2), blank=st.booleans())
 def test_rollouts_parser_only_raises_engine_errors_naming_file_line_field(tmp_path, before, record, mut,
@@ -130,7 +132,7 @@ def test_rollouts_parser_only_raises_engine_errors_naming_file_line_field(tmp_pa
     try:
         rollouts, _ = read_rollouts(path)
     except EngineError as e:
-        if not bad_line.strip():
+        if not bad_line.strip(b" \t\r\n"):  # JSON's whitespace only (not \x0b, \x0c or \x1c-\x1f)
             assert not before and not after and e.line is None and "no rollouts" in e.message
             return
         assert e.path == str(path) and e.line == line_no, (str(e), line_no)
@@ -147,12 +149,47 @@ def test_rollouts_parser_only_raises_engine_errors_naming_file_line_field(tmp_pa
             assert len(kept) == len(before) + len(after) and skipped.count == 1
         return
     # Accepted: the mutation left a valid record, read back as written.
-    expected = before + [json.loads(bad_line)] + after if bad_line.strip() else before + after
+    expected = before + [json.loads(bad_line)] + after if bad_line.strip(b" \t\r\n") else before + after
     assert len(rollouts) == len(expected)
     for got, want in zip(rollouts, expected):
         assert got.completion == want["completion"] and got.group == str(want["group"])
         assert got.reward == float(want["reward"]) and math.isfinite(got.reward)
         assert got.prompt == want["prompt"]
+
+
+RAW_SEPARATORS = "\u2028\u2029\x85\x1c\x1d\x1e"  # str.splitlines() breaks at these; JSON strings hold them raw
+
+
+def test_jsonl_readers_break_lines_at_newline_only(tmp_path):
+    """Rollouts, task data and per-item eval files whose strings hold U+2028, U+0085, \\x1c... unescaped
+    (as json.dumps(..., ensure_ascii=False) writes them) read back whole; a line of a lone \\x1f (blank
+    to str.strip(), not to JSON) is an error on its own line, not a silently skipped gap."""
+    from analysis.stats import read_items
+    from engine.tasks import load_task
+    text = f"a{RAW_SEPARATORS}b"
+    rollouts = tmp_path / "r.jsonl"
+    rows = [{"prompt": text, "completion": f"{text} #### 3", "reward": 1.0, "group": "g"}] * 2
+    rollouts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    got, _ = read_rollouts(rollouts)
+    assert [r.completion for r in got] == [rows[0]["completion"]] * 2 and got[0].prompt == text
+    data = tmp_path / "data" / "gsm8k"
+    data.mkdir(parents=True)
+    (data / "test.jsonl").write_text("\n" + json.dumps({"question": text, "answer": "#### 7"}, ensure_ascii=False)
+                                     + "\n", encoding="utf-8")
+    [item] = load_task("gsm8k", "test", data_dir=tmp_path / "data")
+    assert item.question == text and item.gold == "7"
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"id": i, "completion": text, "correct": i == 1}, ensure_ascii=False) + "\n"
+                             for i in range(3)), encoding="utf-8")
+    assert read_items(items) == {"0": False, "1": True, "2": False}
+    for path in (rollouts, items):
+        path.write_text(path.read_text(encoding="utf-8") + "\x1f\n", encoding="utf-8")
+    with pytest.raises(EngineError) as e:
+        read_rollouts(rollouts)
+    assert e.value.line == 3 and "not valid JSON" in e.value.message
+    with pytest.raises(EngineError) as e:
+        read_items(items)
+    assert e.value.line == 4
 
 
 # ---- TOML config (engine/train_config.py load_config) ------------------------------------------

@@ -4,6 +4,7 @@ import torch
 
 import engine
 from engine.errors import EngineError
+from engine import sampler
 from engine.kv_cache import KVCache
 from engine.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
 from engine.sampler import SamplingParams, filtered_probs, generate, next_tokens, sequence_seed
@@ -67,8 +68,10 @@ def _frequent_token(model, prompts, steps):
     return outs[0].token_ids[steps // 2]
 
 
-def test_greedy_equals_transformers_generate(pair):
+@pytest.mark.parametrize("pass_cost", [0, 10 ** 9], ids=["prefill-by-length", "prefill-one-pass"])
+def test_greedy_equals_transformers_generate(pair, pass_cost, monkeypatch):
     hf, ours, cfg, _ = pair
+    monkeypatch.setattr(sampler, "PREFILL_PASS_COST_TOKENS", {"cpu": pass_cost})
     prompts = _prompts(cfg, [5, 11, 2, 8, 11])
     stop = _frequent_token(ours, prompts, 16)
     ours_out = generate(ours, prompts, SamplingParams(max_new_tokens=16, temperature=0), stop_ids=[stop],
@@ -275,6 +278,55 @@ def test_repeated_prompts_share_prefill_and_match_separate_runs(one, monkeypatch
         alone = generate(ours, [p], params, stop_ids=[], pad_id=PAD, seeds=[s])[0]
         assert g.token_ids == alone.token_ids
         assert g.behavior_logps == pytest.approx(alone.behavior_logps, abs=1e-5)
+
+
+def test_prefill_groups_is_the_cheapest_split():
+    """Against every split of a few sorted lengths into runs (2^(n-1) of them)."""
+    import itertools
+    import random
+    rng = random.Random(0)
+    for _ in range(200):
+        lengths = sorted((rng.randint(1, 60) for _ in range(rng.randint(1, 8))), reverse=True)
+        pass_cost = rng.choice([0, 1, 7, 32, 1000])
+        groups = sampler.prefill_groups(lengths, pass_cost)
+        assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:])) and all(lo < hi for lo, hi in groups)
+
+        def cost(runs):
+            return sum((hi - lo) * lengths[lo] + pass_cost for lo, hi in runs)
+        best = min(cost(list(zip((0, *cuts), (*cuts, len(lengths)))))
+                   for r in range(len(lengths)) for cuts in itertools.combinations(range(1, len(lengths)), r))
+        assert cost(groups) == best
+
+
+@pytest.mark.parametrize("keys_transposed", [True, False], ids=["cpu-key-layout", "gpu-key-layout"])
+def test_prefill_by_length_equals_one_pass(one, monkeypatch, keys_transposed):
+    """Prompts prefilled in passes of similar length (each into its rows' right-aligned cache positions)
+    sample what one left-padded pass samples, repeated prompts and top-p included, in both key layouts."""
+    import functools
+    _, ours, cfg, _ = one
+    monkeypatch.setattr(sampler, "KVCache", functools.partial(KVCache, keys_transposed=keys_transposed))
+    distinct = _prompts(cfg, [13, 2, 9, 5, 13, 1, 7], seed=11)
+    prompts = distinct + [distinct[1], distinct[3], distinct[1]]
+    seeds = list(range(100, 100 + len(prompts)))
+    params = SamplingParams(9, temperature=1.0, top_p=0.9)
+    runs, passes = [], []
+    original = ours.forward
+
+    def spy(input_ids, *args, **kwargs):
+        if kwargs["kv_cache"].length == 0:  # a prefill pass (a 1-token prompt's too)
+            passes[-1].append(tuple(input_ids.shape))
+        return original(input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(ours, "forward", spy)
+    for pass_cost in (0, 10 ** 9):
+        monkeypatch.setattr(sampler, "PREFILL_PASS_COST_TOKENS", {"cpu": pass_cost})
+        passes.append([])
+        runs.append(generate(ours, prompts, params, stop_ids=[], pad_id=PAD, seeds=seeds))
+    assert passes == [[(2, 13), (1, 9), (1, 7), (1, 5), (1, 2), (1, 1)], [(7, 13)]]
+    for split, whole in zip(*runs):
+        assert split.token_ids == whole.token_ids
+        assert split.behavior_logps == pytest.approx(whole.behavior_logps, abs=1e-5)
 
 
 def test_adapter_unmerged_merged_and_peft(one, tmp_path):

@@ -102,7 +102,7 @@ GOOD_MATH = json.dumps({"problem": "p", "solution": "\\boxed{2}", "answer": "2",
 
 
 @pytest.mark.parametrize("task,relpath,lines,where", [
-    ("gsm8k", "gsm8k/test.jsonl", [GOOD_GSM, "{not json"], ":2: invalid JSON"),
+    ("gsm8k", "gsm8k/test.jsonl", [GOOD_GSM, "{not json"], ":2: not valid JSON"),
     ("gsm8k", "gsm8k/test.jsonl", [GOOD_GSM, '{"question": "q"}'], ":2: field 'answer': missing field"),
     ("gsm8k", "gsm8k/test.jsonl", ['{"question": "q", "answer": "no final line"}'], ":1: field 'answer': expected a final"),
     ("gsm8k", "gsm8k/test.jsonl", ['{"question": "q", "answer": "x\\n#### twelve"}'], ":1: field 'answer': expected a number"),

@@ -56,13 +56,20 @@ def _mean_token_prob(trainer):
     return negative_mean_prob
 
 
-@pytest.mark.parametrize("loss", ["grpo", "dpo"])
+@pytest.mark.parametrize("loss", ["grpo", "dpo", "dft"])
 def test_accumulation_equals_one_batch(setup, tmp_path, loss):
     """Micro-batches with the step-wide normaliser give one big batch's gradient (B made non-zero
-    first so every LoRA gradient is non-trivial)."""
-    grads = []
+    first so every LoRA gradient is non-trivial), and the step's logged stats are the big batch's:
+    counts add up, means are weighted by what they average over, extremes stay extremes."""
+    grads, stats = [], []
+    hparams = {}
+    if loss == "grpo":  # the clipped ratio and KL stats too (behavior log-probs drawn at random)
+        from engine.tokenizer import load_tokenizer
+        rollouts = write_rollouts(tmp_path / "behavior.jsonl", behavior=True, tokenizer=load_tokenizer(setup[1]))
+        hparams = dict(rollouts=str(rollouts), loss_hparams={"grpo": {"clip_eps": 0.2, "kl_beta": 0.05}})
     for mb in (16, 4):
-        t = Trainer(_cfg(setup, tmp_path / f"mb{mb}", loss=loss, steps=2, micro_batch_size=mb), progress=False)
+        t = Trainer(_cfg(setup, tmp_path / f"mb{mb}", loss=loss, steps=2, micro_batch_size=mb, **hparams),
+                    progress=False)
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for m in engine.lora.lora_modules(t.model).values():
@@ -70,10 +77,15 @@ def test_accumulation_equals_one_batch(setup, tmp_path, loss):
         micro = t._micro_batches([t.units.rows[u] for u in t.plan[0]])
         if mb == 4:
             assert len(micro) >= 4
-        t._accumulate(micro, 0, backward=True)
+        loss_value, step_stats, _, _ = t._accumulate(micro, 0, backward=True)
+        assert step_stats["loss"] == pytest.approx(loss_value, rel=1e-9, abs=1e-12)
+        stats.append(step_stats)
         grads.append(torch.cat([p.grad.flatten() for n, p in t.model.named_parameters() if "lora_" in n]))
     assert grads[0].norm() > 0
     assert (grads[0] - grads[1]).norm() <= 1e-5 * grads[0].norm()
+    assert stats[0].keys() == stats[1].keys()
+    for key, value in stats[0].items():
+        assert stats[1][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
 
 
 @pytest.mark.parametrize("all_wrong", [False, True], ids=["mixed", "no-correct-rollout"])
