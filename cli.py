@@ -69,6 +69,10 @@ def train(loss, preset, config_path, resume, quiet, **flags) -> None:
 
     if config_path is None:
         config_path = REPO_ROOT / "configs" / f"{preset or 'cpu'}.toml"
+        if preset is None and flags.get("model") is not None and int(os.environ.get("RANK", "0")) == 0:
+            # The cpu preset's rate, rank and steps suit the tiny embedded model, not a real Qwen3.
+            click.echo("note: without --preset or --config, training uses configs/cpu.toml (tuned for the tiny "
+                       "embedded model); for a Qwen3 checkpoint pass --preset paper or --config FILE", err=True)
     names = list(loss_registry.names()) if loss == "all" else [loss]
     if loss != "all" and loss not in loss_registry.names():
         raise EngineError(f"unknown loss {loss!r}; choose from {', '.join(loss_registry.names())} or all",

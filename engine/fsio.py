@@ -112,8 +112,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        mode = 0o666 & ~_umask()
         for f in tmp.rglob("*"):
             if f.is_file():
+                # The usual permissions whatever the writer chose (safetensors' save_file makes 0600,
+                # a copied read-only tokenizer file stays read-only), so a shared run directory is readable.
+                os.chmod(f, mode)
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
         _fsync_dir(tmp)

@@ -346,3 +346,27 @@ def test_recover_tidies_what_a_kill_leaves(tmp_path):
     ckpt.recover(out)
     assert sorted(p.name for p in out.iterdir()) == [".user-notes.tmp", "final"]
     assert (out / "final" / "manifest.json").read_text() == "{}"
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Model and adapter directories are readable by the group and others under the usual umask
+    (safetensors' save_file alone makes 0600 files; a copied read-only file would stay read-only)."""
+    from engine.checkpoint import save_model
+    from engine.config import Qwen3Config
+    from engine.lora import LoRAConfig, apply_lora, save_adapter
+    from engine.model import Qwen3ForCausalLM
+    from helpers import tiny_config
+    before = os.umask(0o022)
+    try:
+        model = Qwen3ForCausalLM(Qwen3Config.from_dict(tiny_config()))
+        save_model(model, tmp_path / "model")
+        apply_lora(model, LoRAConfig(r=2, alpha=4.0), seed=0)
+        save_adapter(model, tmp_path / "adapter")
+        with engine.fsio.atomic_dir(tmp_path / "copied") as d:
+            (d / "tokenizer.json").write_text("{}")
+            os.chmod(d / "tokenizer.json", 0o444)
+    finally:
+        os.umask(before)
+    files = [f for f in tmp_path.rglob("*") if f.is_file()]
+    assert len(files) >= 5 and any(f.suffix == ".safetensors" for f in files)
+    assert {f.name: oct(f.stat().st_mode & 0o777) for f in files} == {f.name: "0o644" for f in files}

@@ -214,3 +214,18 @@ def test_nan_stops_and_keeps_last_checkpoint(setup, tmp_path, monkeypatch):
         train(cfg, progress=False)
     assert (tmp_path / "run" / "step-2" / "manifest.json").is_file()
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_cli_says_which_preset_a_real_model_trains_with(setup, tmp_path):
+    """`train --model M` without --preset/--config trains with configs/cpu.toml (the embedded model's
+    settings) and says so on stderr; with a preset it says nothing."""
+    from click.testing import CliRunner
+    from cli import main
+    _, model, rollouts = setup
+    common = ["train", "--loss", "sft", "--model", str(model), "--rollouts", str(rollouts), "--steps", "1",
+              "--batch-size", "4", "--quiet"]
+    plain = CliRunner().invoke(main, [*common, "--out", str(tmp_path / "a")], catch_exceptions=False)
+    assert plain.exit_code == 0 and "uses configs/cpu.toml" in plain.stderr
+    chosen = CliRunner().invoke(main, [*common, "--preset", "cpu", "--out", str(tmp_path / "b")],
+                                catch_exceptions=False)
+    assert chosen.exit_code == 0 and "configs/cpu.toml" not in chosen.stderr
