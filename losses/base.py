@@ -230,11 +230,11 @@ def finish(loss: torch.Tensor, stats: dict) -> tuple[torch.Tensor, dict]:
 # How a step's stats combine over its micro-batches (and ranks): each micro-batch's stats describe only
 # its own rows, so counts add up, extremes take the extreme, and means are weighted by the count they
 # were taken over. A float stat not listed here is averaged with equal weights.
-_WEIGHTED_MEANS = {"mean_token_prob": "tokens_used", "clip_fraction": "tokens_used", "ratio_mean": "tokens_used",
+WEIGHTED_MEANS = {"mean_token_prob": "tokens_used", "clip_fraction": "tokens_used", "ratio_mean": "tokens_used",
                    "kl": "tokens_used", "advantage_mean": "rows", "reward_margin": "pairs",
                    "reward_accuracy": "pairs", "chosen_logratio": "pairs", "rejected_logratio": "pairs"}
-_SAME_IN_EVERY_PART = {"step_normalizer", "literal_variant"}  # one value per step, not per micro-batch
-_SUMMED_FLOATS = {"loss", "normalizer"}  # each micro-batch's loss is already divided by the step's count
+SAME_IN_EVERY_PART = {"step_normalizer", "literal_variant"}  # one value per step, not per micro-batch
+SUMMED_FLOATS = {"loss", "normalizer"}  # each micro-batch's loss is already divided by the step's count
 
 
 def merge_stats(parts: list[dict]) -> dict[str, float | int]:
@@ -247,12 +247,12 @@ def merge_stats(parts: list[dict]) -> dict[str, float | int]:
                 values.setdefault(key, []).append(value)
     merged: dict[str, float | int] = {}
     for key, vals in values.items():
-        weight_key = _WEIGHTED_MEANS.get(key)
-        if key in _SAME_IN_EVERY_PART:
+        weight_key = WEIGHTED_MEANS.get(key)
+        if key in SAME_IN_EVERY_PART:
             merged[key] = max(vals)
         elif key.endswith("_min") or key.endswith("_max"):
             merged[key] = min(vals) if key.endswith("_min") else max(vals)
-        elif key in _SUMMED_FLOATS or all(isinstance(v, int) for v in vals):
+        elif key in SUMMED_FLOATS or all(isinstance(v, int) for v in vals):
             merged[key] = sum(vals)
         elif weight_key is not None and all(weight_key in p for p in parts if key in p):
             weights = [p[weight_key] for p in parts if key in p]
