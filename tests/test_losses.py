@@ -11,7 +11,7 @@ import torch
 
 import losses
 from engine.errors import EngineError
-from losses import LossInputs, get, get_normalizer
+from losses import LossInputs, get, get_normalizer, merge_stats
 from losses.rft import dedup_mask
 from loss_reference import reference
 
@@ -182,14 +182,14 @@ def split(b, group_cuts):
 def test_accumulation_equals_one_batch(name, hparams):
     b = make_batch(11)
     full = b["logps"].clone().requires_grad_()
-    one_loss, _ = get(name)(inputs_of(b, full), **hparams)
+    one_loss, one_stats = get(name)(inputs_of(b, full), **hparams)
     one_loss.backward()
     # The middle micro-batch is group 2 alone: one wrong rollout, so no positive and no pair.
     pieces = split(b, [2, 3])
     assert (pieces[1][2]["rewards"] == 0).all() and len(pieces[1][2]["pairs"]) == 0
     step = sum(get_normalizer(name)(p["mask"], p["rewards"], pairs=p["pairs"], **hparams)
                for _, _, p in pieces)
-    total, grads = 0.0, torch.zeros_like(b["logps"])
+    total, grads, parts = 0.0, torch.zeros_like(b["logps"]), []
     for lo, hi, piece in pieces:
         logps = piece["logps"].clone().requires_grad_()
         loss, stats = get(name)(LossInputs(**{**piece, "logps": logps}, num_tokens=step), **hparams)
@@ -197,8 +197,14 @@ def test_accumulation_equals_one_batch(name, hparams):
         assert stats["step_normalizer"] == step
         total += loss.item()
         grads[lo:hi] = logps.grad
+        parts.append(stats)
     assert total == pytest.approx(one_loss.item(), rel=1e-12, abs=1e-14)
     torch.testing.assert_close(grads, full.grad, rtol=1e-12, atol=1e-14)
+    # The logged stats of the micro-batches merge into the one batch's, whatever each stat is.
+    merged = merge_stats(parts)
+    assert merged.keys() == one_stats.keys()
+    for key, value in one_stats.items():
+        assert merged[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
 def test_normalizers_count_what_the_protocol_says():
