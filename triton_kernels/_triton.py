@@ -103,8 +103,32 @@ class LazyJit:
 
 
 def _run_interpreted(launcher: Callable, *args: Any, **kwargs: Any) -> Any:
-    with _language_helpers_interpretable():
+    with _language_helpers_interpretable(), _scalar_index_squeezed():
         return launcher(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _scalar_index_squeezed() -> Iterator[None]:
+    """Triton before 3.7 reads a scalar's value in the interpreter as int(<array of shape (1,)>), which
+    NumPy 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so every loop
+    over a runtime bound (`range(0, K, BLOCK_K)`) fails there. For the launch's duration scalars are
+    indexed as Triton 3.7+ does (squeezed first); where the interpreter differs, nothing is changed."""
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        yield
+        return
+
+    def patch_lang_tensor(tensor: Any, scope: Any) -> None:
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    try:
+        yield
+    finally:
+        interpreter._patch_lang_tensor = original
 
 
 @contextlib.contextmanager
