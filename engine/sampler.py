@@ -96,13 +96,13 @@ def check_context(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
 
 
 DROP_FINISHED_FRACTION = 0.25  # drop finished rows from the batch once they are this share of it
-# Top-p over a vocabulary of at most this size sorts whole rows (values only); a larger one looks for
-# the nucleus among NUCLEUS_CANDIDATES top tokens first and sorts the whole row only where it reaches past them.
 # What one more prefill forward pass costs, in padded prompt tokens: measured on CPU (the embedded shape,
 # 1 thread: ~1.2 ms per pass against ~0.05 ms per token); on a GPU a pass's launches are worth far more
 # tokens (unmeasured here: a conservative guess that splits only badly padded batches).
 PREFILL_PASS_COST_TOKENS = {"cpu": 32}
 PREFILL_PASS_COST_TOKENS_OTHER = 2048
+# Top-p over a vocabulary of at most this size sorts whole rows (values only); a larger one looks for
+# the nucleus among NUCLEUS_CANDIDATES top tokens first and sorts the whole row only where it reaches past them.
 NUCLEUS_SORT_ALL = 4096
 NUCLEUS_CANDIDATES = 256
 
