@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
+from .data import cheapest_runs, pass_cost_tokens
 from .errors import EngineError
 from .kv_cache import KVCache
 
@@ -96,11 +96,6 @@ def check_context(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
 
 
 DROP_FINISHED_FRACTION = 0.25  # drop finished rows from the batch once they are this share of it
-# What one more prefill forward pass costs, in padded prompt tokens: measured on CPU (the embedded shape,
-# 1 thread: ~1.2 ms per pass against ~0.05 ms per token); on a GPU a pass's launches are worth far more
-# tokens (unmeasured here: a conservative guess that splits only badly padded batches).
-PREFILL_PASS_COST_TOKENS = {"cpu": 32}
-PREFILL_PASS_COST_TOKENS_OTHER = 2048
 # Top-p over a vocabulary of at most this size sorts whole rows (values only); a larger one looks for
 # the nucleus among NUCLEUS_CANDIDATES top tokens first and sorts the whole row only where it reaches past them.
 NUCLEUS_SORT_ALL = 4096
@@ -245,28 +240,11 @@ def _uniforms(seeds: Sequence[int], steps: int, device: torch.device) -> torch.T
     return torch.stack(rows).to(device)
 
 
-def prefill_groups(lengths: Sequence[int], pass_cost: float) -> list[tuple[int, int]]:
-    """Split prompts sorted longest first into runs [lo, hi), each prefilled in one pass padded to its
-    first (longest) prompt, minimising padded tokens + `pass_cost` per pass (exact, O(n^2))."""
-    n = len(lengths)
-    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)  # best[j]: cheapest split of the first j prompts
-    for j in range(1, n + 1):
-        for i in range(j):
-            cost = best[i] + (j - i) * lengths[i] + pass_cost
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], n
-    while j > 0:
-        groups.append((cut[j], j))
-        j = cut[j]
-    return groups[::-1]
-
-
 def _prefill(model: torch.nn.Module, prompts: list[Sequence[int]], max_new: int, pad_id: int
              ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
     """Run the prompts once each (a rollout batch holds K copies of every prompt), left-padded to the
     longest in the cache, then copy the cache rows out to the batch. Prompts of much shorter length are
-    prefilled in passes of their own (`prefill_groups`) into their rows' right-aligned cache positions,
+    prefilled in passes of their own (`data.cheapest_runs`) into their rows' right-aligned cache positions,
     so padding costs no prefill compute. Returns the last logits [B, V], the cache (B rows, room for
     max_new more positions) and the padding mask [B, P + max_new] (1 = real; generated columns are 1)."""
     device = model.device
@@ -277,9 +255,8 @@ def _prefill(model: torch.nn.Module, prompts: list[Sequence[int]], max_new: int,
     for i, p in enumerate(unique):
         mask[i, :P - len(p)] = 0
     cache = KVCache(model.config, len(unique), P + max_new, model.dtype, device)
-    pass_cost = PREFILL_PASS_COST_TOKENS.get(device.type, PREFILL_PASS_COST_TOKENS_OTHER)
     logits = []
-    for lo, hi in prefill_groups([len(p) for p in unique], pass_cost):
+    for lo, hi in cheapest_runs([len(p) for p in unique], [1] * len(unique), pass_cost_tokens(device)):
         width = len(unique[lo])
         ids = torch.full((hi - lo, width), pad_id, dtype=torch.long)
         for i in range(lo, hi):

@@ -24,7 +24,7 @@ from . import checkpointing as ckpt
 from . import distributed
 from .checkpoint import default_device, default_dtype, load_model
 from .data import (Batch, Example, build_pairs, collate, describe, groups_of, plan_steps,
-                   read_rollouts, split_micro_batches, tokenize_rollouts)
+                   pass_cost_tokens, read_rollouts, split_micro_batches, tokenize_rollouts)
 from .errors import EngineError, TrainingDiverged
 from .logprobs import token_logprobs
 from .frozen import compacts_by_default
@@ -176,7 +176,7 @@ class Trainer:
     def _micro_batches(self, units: list[list[int]]) -> list[tuple[Batch, torch.Tensor | None]]:
         lengths = [len(e.ids) for e in self.examples]
         out = []
-        for rows in split_micro_batches(units, lengths, self.cfg.micro_batch_size):
+        for rows in split_micro_batches(units, lengths, self.cfg.micro_batch_size, pass_cost_tokens(self.device)):
             b = collate(self.examples, rows, self.tokenizer.pad_id)
             if self.ref_logps is not None:
                 b.ref_logps = torch.zeros(b.mask.shape, dtype=torch.float32)

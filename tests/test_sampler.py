@@ -4,7 +4,7 @@ import torch
 
 import engine
 from engine.errors import EngineError
-from engine import sampler
+from engine import data, sampler
 from engine.kv_cache import KVCache
 from engine.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
 from engine.sampler import SamplingParams, filtered_probs, generate, next_tokens, sequence_seed
@@ -71,7 +71,7 @@ def _frequent_token(model, prompts, steps):
 @pytest.mark.parametrize("pass_cost", [0, 10 ** 9], ids=["prefill-by-length", "prefill-one-pass"])
 def test_greedy_equals_transformers_generate(pair, pass_cost, monkeypatch):
     hf, ours, cfg, _ = pair
-    monkeypatch.setattr(sampler, "PREFILL_PASS_COST_TOKENS", {"cpu": pass_cost})
+    monkeypatch.setattr(data, "PASS_COST_TOKENS", {"cpu": pass_cost})
     prompts = _prompts(cfg, [5, 11, 2, 8, 11])
     stop = _frequent_token(ours, prompts, 16)
     ours_out = generate(ours, prompts, SamplingParams(max_new_tokens=16, temperature=0), stop_ids=[stop],
@@ -280,25 +280,6 @@ def test_repeated_prompts_share_prefill_and_match_separate_runs(one, monkeypatch
         assert g.behavior_logps == pytest.approx(alone.behavior_logps, abs=1e-5)
 
 
-def test_prefill_groups_is_the_cheapest_split():
-    """Against every split of a few sorted lengths into runs (2^(n-1) of them)."""
-    import itertools
-    import random
-    rng = random.Random(0)
-    for _ in range(200):
-        lengths = sorted((rng.randint(1, 60) for _ in range(rng.randint(1, 8))), reverse=True)
-        pass_cost = rng.choice([0, 1, 7, 32, 1000])
-        groups = sampler.prefill_groups(lengths, pass_cost)
-        assert groups[0][0] == 0 and groups[-1][1] == len(lengths)
-        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:])) and all(lo < hi for lo, hi in groups)
-
-        def cost(runs):
-            return sum((hi - lo) * lengths[lo] + pass_cost for lo, hi in runs)
-        best = min(cost(list(zip((0, *cuts), (*cuts, len(lengths)))))
-                   for r in range(len(lengths)) for cuts in itertools.combinations(range(1, len(lengths)), r))
-        assert cost(groups) == best
-
-
 @pytest.mark.parametrize("keys_transposed", [True, False], ids=["cpu-key-layout", "gpu-key-layout"])
 def test_prefill_by_length_equals_one_pass(one, monkeypatch, keys_transposed):
     """Prompts prefilled in passes of similar length (each into its rows' right-aligned cache positions)
@@ -320,7 +301,7 @@ def test_prefill_by_length_equals_one_pass(one, monkeypatch, keys_transposed):
 
     monkeypatch.setattr(ours, "forward", spy)
     for pass_cost in (0, 10 ** 9):
-        monkeypatch.setattr(sampler, "PREFILL_PASS_COST_TOKENS", {"cpu": pass_cost})
+        monkeypatch.setattr(data, "PASS_COST_TOKENS", {"cpu": pass_cost})
         passes.append([])
         runs.append(generate(ours, prompts, params, stop_ids=[], pad_id=PAD, seeds=seeds))
     assert passes == [[(2, 13), (1, 9), (1, 7), (1, 5), (1, 2), (1, 1)], [(7, 13)]]
