@@ -28,7 +28,7 @@ class TrainConfig:
     lr: float = 2e-3
     lr_per_loss: dict[str, float] = dataclasses.field(default_factory=dict)
     batch_size: int = 32            # rollouts per optimizer step (DPO: pairs per step)
-    micro_batch_size: int = 32      # rows per forward/backward; the step normaliser spans all of them
+    micro_batch_size: int = 32      # most rows per forward/backward (cut further by length); one step normaliser
     max_len: int = 512
     seed: int = 42
     lora_r: int = 8
