@@ -316,6 +316,8 @@ def cheapest_runs(widths: Sequence[int], rows: Sequence[int], pass_cost: float,
             count += rows[i]
             if max_rows is not None and count > max_rows and i < j - 1:
                 break
+            if count * widths[i] + pass_cost > best[j]:
+                break  # longer runs only pad more (widths grow towards i = 0)
             cost = best[i] + count * widths[i] + pass_cost
             if cost <= best[j]:
                 best[j], cut[j] = cost, i
