@@ -164,13 +164,16 @@ def _nucleus(probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Ten
     the smallest kept probability, the lowest ids are kept, so the set does not depend on a sort order.
     """
     desc = _sorted_descending(probs)
-    m = (desc.cumsum(-1) - desc < top_p).sum(-1, keepdim=True).clamp_(min=1)
-    smallest = desc.gather(-1, m - 1)
+    # Counts of boolean rows in int32: torch sums booleans into int64 through a converted copy of the
+    # whole row, ~16 ms for [32, 151936] against ~1 ms (measured).
+    count = dict(dim=-1, keepdim=True, dtype=torch.int32)
+    m = (desc.cumsum(-1) - desc < top_p).sum(**count).clamp_(min=1)
+    smallest = desc.gather(-1, m.long() - 1)
     keep = probs > smallest
     tied = probs == smallest
-    need = m - keep.sum(-1, keepdim=True)
-    if bool((tied.sum(-1, keepdim=True) > need).any()):
-        tied &= tied.cumsum(-1) <= need
+    need = m - keep.sum(**count)
+    if bool((tied.sum(**count) > need).any()):
+        tied &= tied.cumsum(-1, dtype=torch.int32) <= need
     return keep | tied, smallest, desc
 
 
