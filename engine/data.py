@@ -298,6 +298,7 @@ PASS_COST_TOKENS_OTHER = 2048
 
 
 def pass_cost_tokens(device: torch.device | str) -> float:
+    """`PASS_COST_TOKENS` for the device's type."""
     return PASS_COST_TOKENS.get(torch.device(device).type, PASS_COST_TOKENS_OTHER)
 
 
@@ -309,18 +310,19 @@ def cheapest_runs(widths: Sequence[int], rows: Sequence[int], pass_cost: float,
     if any(a < b for a, b in zip(widths, widths[1:])):
         raise ValueError("widths must be sorted widest first")
     n = len(widths)
-    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)  # best[j]: cheapest split of the first j items
+    # best[j]: (cost, passes) of the cheapest split of the first j items, compared in that order.
+    best, cut = [(0.0, 0)] + [(math.inf, 0)] * n, [0] * (n + 1)
     for j in range(1, n + 1):
         count = 0
         for i in range(j - 1, -1, -1):  # the run [i, j)
             count += rows[i]
             if max_rows is not None and count > max_rows and i < j - 1:
                 break
-            if count * widths[i] + pass_cost > best[j]:
+            if count * widths[i] + pass_cost > best[j][0]:
                 break  # longer runs only pad more (widths grow towards i = 0)
-            cost = best[i] + count * widths[i] + pass_cost
-            if cost <= best[j]:
-                best[j], cut[j] = cost, i
+            option = (best[i][0] + count * widths[i] + pass_cost, best[i][1] + 1)
+            if option < best[j]:
+                best[j], cut[j] = option, i
     runs, j = [], n
     while j > 0:
         runs.append((cut[j], j))
