@@ -231,8 +231,8 @@ def finish(loss: torch.Tensor, stats: dict) -> tuple[torch.Tensor, dict]:
 # its own rows, so counts add up, extremes take the extreme, and means are weighted by the count they
 # were taken over. A float stat not listed here is averaged with equal weights.
 WEIGHTED_MEANS = {"mean_token_prob": "tokens_used", "clip_fraction": "tokens_used", "ratio_mean": "tokens_used",
-                   "kl": "tokens_used", "advantage_mean": "rows", "reward_margin": "pairs",
-                   "reward_accuracy": "pairs", "chosen_logratio": "pairs", "rejected_logratio": "pairs"}
+                  "kl": "tokens_used", "advantage_mean": "rows", "reward_margin": "pairs",
+                  "reward_accuracy": "pairs", "chosen_logratio": "pairs", "rejected_logratio": "pairs"}
 SAME_IN_EVERY_PART = {"step_normalizer", "literal_variant"}  # one value per step, not per micro-batch
 SUMMED_FLOATS = {"loss", "normalizer"}  # each micro-batch's loss is already divided by the step's count
 
