@@ -17,7 +17,7 @@ import torch
 
 from .checkpoint import save_model
 from .config import Qwen3Config
-from .fsio import jsonl_lines
+from .fsio import jsonl_objects, write_json
 from .model import Qwen3ForCausalLM
 from .train_config import REPO_ROOT, load_config
 
@@ -83,8 +83,7 @@ def build(out: str | Path = REPO_ROOT / "embedded", *, seed: int = 0, pretrain_s
                 params=SamplingParams(max_new_tokens=160, temperature=1.0), batch_size=64, seed=seed,
                 style="plain", echo=echo)
     groups: dict[str, list[float]] = {}
-    for _, line in jsonl_lines(rollouts.read_text(encoding="utf-8")):
-        row = json.loads(line)
+    for _, row in jsonl_objects(rollouts, "rollouts file"):
         groups.setdefault(row["group"], []).append(row["reward"])
     mixed = sum(1 for r in groups.values() if 0 < sum(r) < len(r))
     summary = {"parameters": sum(p.numel() for p in cfg_model(base).parameters()), "tokenizer": info,
@@ -93,7 +92,7 @@ def build(out: str | Path = REPO_ROOT / "embedded", *, seed: int = 0, pretrain_s
                "rollout_groups": len(groups), "rollouts": sum(len(r) for r in groups.values()),
                "rollout_mean_reward": sum(map(sum, groups.values())) / sum(len(r) for r in groups.values()),
                "groups_with_both_outcomes": mixed, "total_seconds": round(time.perf_counter() - t0, 1)}
-    (out / "BUILD.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "BUILD.json", summary)
     echo(json.dumps(summary, indent=2))
     return summary
 
