@@ -113,12 +113,13 @@ def _generation_options(f):
         click.option("--adapter", default=None, type=click.Path(), help="PEFT LoRA adapter directory."),
         click.option("--task", required=True, help="gsm8k, aime2026, aime, math500, ..."),
         click.option("--limit", type=int, default=None, help="Only the first N items."),
-        click.option("--data-dir", default=None, type=click.Path(), help="Task data (default ../shared/data)."),
+        click.option("--data-dir", default=None, type=click.Path(), help="Task data (default: the repository's data/ folder, or $ENGINE_DATA_DIR)."),
         click.option("--max-new-tokens", type=int, default=1024, show_default=True),
         click.option("--batch-size", type=int, default=32, show_default=True, help="Sequences per batch."),
         click.option("--thinking", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
                      help="off: append the empty think block (hybrid-thinking Qwen3 without thinking)."),
-        click.option("--style", default="boxed", show_default=True, help="Answer format asked for: boxed, gsm8k."),
+        click.option("--style", default=None, help="Answer format asked for: boxed, gsm8k, plain (default: the "
+                     "task's: plain for synthetic, boxed otherwise)."),
         click.option("--tokenizer", default=None, help="Tokenizer directory (default: the model's)."),
         click.option("--device", default=None, help="cpu, cuda, ... (default: cuda when available)."),
         click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's)."),
@@ -225,7 +226,7 @@ def _bench_options(f):
     """Flags shared by `bench` and `profile --train-step`: the model shape and the step trained."""
     for option in reversed([
         click.option("--model-config", default=None, type=click.Path(),
-                     help="An HF config.json (default ../shared/data/qwen3-configs/Qwen3-0.6B.json); random weights."),
+                     help="An HF config.json (default data/qwen3-configs/Qwen3-0.6B.json); random weights."),
         click.option("--batch", type=int, default=1, show_default=True),
         click.option("--seq", type=int, default=512, show_default=True, help="Tokens per row."),
         click.option("--loss", type=click.Choice(["sft", "dpo", "grpo"]), default="sft", show_default=True),
@@ -252,9 +253,9 @@ def _bench_options(f):
 
 def _bench_spec(model_config, **flags):
     from engine.bench import BenchSpec
-    from engine.train_config import REPO_ROOT
+    from engine.tasks import QWEN3_CONFIGS
     if model_config is None:
-        model_config = REPO_ROOT.parent / "shared" / "data" / "qwen3-configs" / "Qwen3-0.6B.json"
+        model_config = QWEN3_CONFIGS / "Qwen3-0.6B.json"
     return BenchSpec(model_config=str(model_config), **flags)
 
 

@@ -17,7 +17,6 @@ from .report import method_of, render
 
 REPORT_DIR = "reports/analysis"
 SCHEMA_VERSION = 1
-DEFAULT_STYLE = {"synthetic": "gsm8k"}   # tasks whose prompts ask for '#### <answer>'; others: boxed
 
 
 def resolve_reference(reference: str | None, names: list[str]) -> int:
@@ -66,12 +65,12 @@ def function_space_section(aset: AdapterSet, base, ref: int, *, task: str, split
                            n_items: int, lmc_points: int, lmc_pairs, cka_mode: str, batch_size: int, device,
                            dtype, data_dir, tokenizer, enable_thinking, progress: bool) -> dict:
     from engine import load_tokenizer
-    from engine.tasks import load_task
+    from engine.tasks import default_style, load_task
 
     from .function_space import answer_batches, layer_cka, lmc_curve, load_function_model, prompt_batches
     if lmc_points < 2:
         raise EngineError(f"expected at least 2 grid points, got {lmc_points}", field="lmc_points")
-    style = style or DEFAULT_STYLE.get(task, "boxed")
+    style = style or default_style(task)
     items = load_task(task, split, data_dir=data_dir, limit=n_items)
     if not items:
         raise EngineError(f"task {task}/{split} has no items", field="task")

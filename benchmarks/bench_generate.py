@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_generate.py                  # the embedded model's shape, batch 32
     .venv/bin/python benchmarks/bench_generate.py --vocab 151936   # with the full Qwen3 vocabulary
-    python3 benchmarks/bench_generate.py --model-config ../shared/data/qwen3-configs/Qwen3-0.6B.json \
+    python3 benchmarks/bench_generate.py --model-config data/qwen3-configs/Qwen3-0.6B.json \
         --device cuda --batch 64 --prompt-len 64 512 --new-tokens 512   # a real shape on a GPU, bf16
 
 Both sides get the same random-weight Qwen3 (float32 on CPU, bfloat16 on CUDA; the embedded model's shape

@@ -15,12 +15,8 @@ PY=${PYTHON:-python3}
 OUT=${OUT:-gpu-results}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
-if [ -z "${CONFIGS:-}" ]; then
-    for dir in ../shared/data/qwen3-configs shared/data/qwen3-configs; do
-        [ -f "$dir/Qwen3-0.6B.json" ] && CONFIGS=$dir && break
-    done
-fi
-[ -n "${CONFIGS:-}" ] || { echo "no qwen3-configs directory (../shared/data or shared/data)"; exit 2; }
+CONFIGS=${CONFIGS:-data/qwen3-configs}   # the repository's copies (data/SOURCES.md)
+[ -f "$CONFIGS/Qwen3-0.6B.json" ] || { echo "no Qwen3-0.6B.json in $CONFIGS"; exit 2; }
 MEMCAP=""
 [ "$DEVICE" = cpu ] && MEMCAP="--cpu-mem-limit-gb 4"
 

@@ -32,7 +32,7 @@ from .errors import EngineError
 from .fsio import atomic_file, write_json
 from .grading import extract_answer, grade
 from .sampler import Generation, SamplingParams, check_batch_size, check_context, generate, sequence_seed
-from .tasks import TaskItem, build_prompt, load_task
+from .tasks import TaskItem, build_prompt, default_style, load_task
 from .tokenizer import ChatTokenizer
 
 THINKING = {"auto": None, "off": False}  # --thinking: None = template as is; False = empty think block
@@ -321,11 +321,12 @@ def write_eval(out_dir: str | os.PathLike, task: str, split: str, records: Seque
 # ---------------------------------------------------------------- command entry points
 def run_rollout(model: str, *, task: str, split: str, out: str, k: int = 4, adapter: str | None = None,
                 limit: int | None = None, data_dir: str | None = None, params: SamplingParams,
-                batch_size: int = 32, seed: int = 0, thinking: str = "auto", style: str = "boxed",
+                batch_size: int = 32, seed: int = 0, thinking: str = "auto", style: str | None = None,
                 device: str | None = None, tokenizer: str | None = None, threads: int | None = None,
                 echo: Callable[[str], None] = print) -> dict[str, Any]:
     ctx = distributed.setup(device)
     items = load_task(task, split, data_dir=data_dir, limit=limit)
+    style = style or default_style(task)
     m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=_rank_device(ctx, device),
                                  threads=threads)
     summary = rollout_items(m, tok, items, out, params, k=k, seed=seed, batch_size=batch_size, style=style,
@@ -346,11 +347,12 @@ def _rank_device(ctx: distributed.DistContext, device: str | None) -> str | None
 
 def run_eval(model: str, *, task: str, split: str, adapter: str | None = None, limit: int | None = None,
              data_dir: str | None = None, out: str | None = None, max_new_tokens: int = 1024,
-             batch_size: int = 32, thinking: str = "auto", style: str = "boxed", device: str | None = None,
+             batch_size: int = 32, thinking: str = "auto", style: str | None = None, device: str | None = None,
              tokenizer: str | None = None, threads: int | None = None,
              echo: Callable[[str], None] = print) -> dict[str, Any]:
     ctx = distributed.setup(device)
     items = load_task(task, split, data_dir=data_dir, limit=limit)
+    style = style or default_style(task)
     m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=_rank_device(ctx, device),
                                  threads=threads)
     records, summary = evaluate_items(m, tok, items, max_new_tokens=max_new_tokens, batch_size=batch_size,

@@ -371,4 +371,4 @@ def _load(split: str, data_dir: Path) -> list[TaskItem]:
     return generate_problems(DEFAULT_SIZES[split], DEFAULT_SEED, split)
 
 
-register_task(TASK_NAME, _load)
+register_task(TASK_NAME, _load, style="plain")  # the embedded model learned the bare question

@@ -1,7 +1,8 @@
 """Math evaluation tasks: GSM8K, AIME 2024/2025/2026 and MATH-500 loaders, prompts and gold answer text.
 
 `load_task(name, split)` reads `<data_dir>/<task>/<file>.jsonl` into `TaskItem`s. The data directory is,
-in order: the `data_dir` argument, `$ENGINE_DATA_DIR`, `../shared/data` beside the repository root.
+in order: the `data_dir` argument, `$ENGINE_DATA_DIR`, the repository's own `data/` folder (`DATA_DIR`;
+its SOURCES.md gives each file's origin, licence and sha256).
 Other modules add tasks with `register_task(name, loader)`; `engine.synthetic` (if present) is imported
 on the first lookup of an unknown name so its tasks register themselves.
 Every problem with a data file raises `EngineError` naming the file, line and field.
@@ -18,8 +19,13 @@ from typing import Callable
 from engine.errors import EngineError
 from engine.fsio import jsonl_objects
 
-__all__ = ["TaskItem", "TaskLoader", "register_task", "task_names", "load_task", "default_data_dir",
+__all__ = ["DATA_DIR", "QWEN3_CONFIGS", "TaskItem", "TaskLoader", "register_task", "task_names", "load_task",
+           "default_data_dir", "default_style",
            "build_prompt", "answer_text", "PROMPT_STYLES"]
+
+
+DATA_DIR = Path(__file__).resolve().parents[1] / "data"   # shipped with the repository (data/SOURCES.md)
+QWEN3_CONFIGS = DATA_DIR / "qwen3-configs"                 # the real Qwen3 shapes, for random-weight models
 
 
 @dataclass(frozen=True)
@@ -34,17 +40,20 @@ class TaskItem:
 
 TaskLoader = Callable[[str, Path], list[TaskItem]]  # (split, data_dir) -> items; raises EngineError
 _REGISTRY: dict[str, TaskLoader] = {}
+_STYLES: dict[str, str] = {}  # task -> the answer style its prompts use by default (else "boxed")
 _PLUGIN_MODULES = ("engine.synthetic",)  # modules that register tasks when imported
 _plugins_loaded = False
 
 
-def register_task(name: str, loader_fn: TaskLoader, *, overwrite: bool = False) -> None:
-    """Make `load_task(name, ...)` call `loader_fn(split, data_dir)`; names are lower-case identifiers."""
+def register_task(name: str, loader_fn: TaskLoader, *, overwrite: bool = False, style: str = "boxed") -> None:
+    """Make `load_task(name, ...)` call `loader_fn(split, data_dir)`; names are lower-case identifiers.
+    `style` is the answer format (a `PROMPT_STYLES` key) that prompts for this task use by default."""
     if not re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", name):
         raise ValueError(f"task name {name!r} must be lower-case letters, digits, '_', '.', '-'")
     if name in _REGISTRY and not overwrite and _REGISTRY[name] is not loader_fn:
         raise ValueError(f"task {name!r} is already registered (pass overwrite=True to replace it)")
     _REGISTRY[name] = loader_fn
+    _STYLES[name] = style
 
 
 def _load_plugins() -> None:
@@ -66,13 +75,21 @@ def task_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def default_style(task: str) -> str:
+    """The answer style a task's prompts use unless the caller names one ("boxed" for unknown tasks)."""
+    key = str(task).strip().lower()
+    if key not in _REGISTRY:
+        _load_plugins()
+    return _STYLES.get(key, "boxed")
+
+
 def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The data directory: the argument, else `$ENGINE_DATA_DIR`, else `<repo>/../shared/data`."""
+    """The data directory: the argument, else `$ENGINE_DATA_DIR`, else the repository's `data/`."""
     if data_dir is not None:
         return Path(data_dir)
     if os.environ.get("ENGINE_DATA_DIR"):
         return Path(os.environ["ENGINE_DATA_DIR"])
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return DATA_DIR
 
 
 def load_task(name: str, split: str = "test", data_dir: str | os.PathLike | None = None,
@@ -94,7 +111,12 @@ def load_task(name: str, split: str = "test", data_dir: str | os.PathLike | None
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; errors name the file and line."""
     if not path.is_file():
-        raise EngineError("data file not found (set --data-dir or ENGINE_DATA_DIR)", path=path)
+        relative = f"{path.parent.name}/{path.name}"
+        shipped = DATA_DIR / relative
+        where = (f"the repository ships it as {shipped}" if shipped.is_file() and shipped != path else
+                 f"data/SOURCES.md names the public source of data/{relative}")
+        raise EngineError(f"data file not found: expected {relative} under the data directory; {where}; "
+                          f"pass --data-dir DIR (or set ENGINE_DATA_DIR) to a folder holding {relative}", path=path)
     rows = list(jsonl_objects(path, "data file"))
     if not rows:
         raise EngineError("data file has no records", path=path)

@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-QWEN3_TOKENIZER = SHARED / "data" / "qwen3-tokenizer"
-QWEN3_CONFIGS = SHARED / "data" / "qwen3-configs"
+DATA = REPO / "data"                      # the repository's own data folder (data/SOURCES.md)
+QWEN3_TOKENIZER = DATA / "qwen3-tokenizer"
+QWEN3_CONFIGS = DATA / "qwen3-configs"
 
 
 def tiny_config(**overrides) -> dict:

@@ -147,7 +147,7 @@ def test_run_analysis_end_to_end(setup, tmp_path):
     assert strict["reference"] == "run1" and strict["pairs"] == [["run0", "run1"], ["run0", "run2"], ["run1", "run2"]]
     fs = strict["function_space"]
     assert [(c["a"], c["b"]) for c in fs["lmc"]] == [("run0", "run1"), ("run2", "run1")]
-    assert fs["lmc"][0]["alphas"] == [0.0, 0.5, 1.0] and fs["n_items"] == 4 and fs["style"] == "gsm8k"
+    assert fs["lmc"][0]["alphas"] == [0.0, 0.5, 1.0] and fs["n_items"] == 4 and fs["style"] == "plain"
     assert len(fs["cka"]["per_layer"]) == 3 and len(fs["cka"]["per_layer"][0]) == 2
     assert set(strict["evaluation"]["synthetic_test"]["accuracy"]) == {"run0", "run1", "run2"}
     report = (out / "report.md").read_text()

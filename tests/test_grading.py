@@ -10,9 +10,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from engine.grading import extract_answer, grade, is_equivalent, normalize_answer
-from helpers import SHARED
+from helpers import DATA
 
-DATA = SHARED / "data"
 
 # (prediction, gold): must be judged equal.
 EQUIVALENT = [

@@ -8,12 +8,11 @@ import pytest
 
 from engine.errors import EngineError
 from engine.grading import grade
-from engine.tasks import (PROMPT_STYLES, TaskItem, answer_text, build_prompt, default_data_dir, load_task,
+from engine.tasks import (PROMPT_STYLES, TaskItem, answer_text, build_prompt, default_data_dir, default_style,
+                          load_task,
                           register_task, task_names)
 from engine import tasks as tasks_module
-from helpers import SHARED
-
-DATA = SHARED / "data"
+from helpers import DATA
 
 
 @pytest.mark.parametrize("name,split,count,source", [
@@ -131,6 +130,12 @@ def test_missing_and_undecodable_files(tmp_path):
     with pytest.raises(EngineError, match="data file not found") as info:
         load_task("math500", "test", data_dir=tmp_path)
     assert info.value.path == str(tmp_path / "math500" / "test.jsonl")
+    # The message says which file it expected, where the repository keeps its copy, and how to point at one.
+    assert "expected math500/test.jsonl" in str(info.value), str(info.value)
+    assert f"ships it as {DATA / 'math500' / 'test.jsonl'}" in str(info.value), str(info.value)
+    assert "--data-dir" in str(info.value) and "ENGINE_DATA_DIR" in str(info.value)
+    with pytest.raises(EngineError, match="expected gsm8k/dev.jsonl.*SOURCES.md names the public source"):
+        tasks_module._read_jsonl(tmp_path / "gsm8k" / "dev.jsonl")  # not a shipped file: no copy to point at
     path = tmp_path / "gsm8k" / "train.jsonl"
     path.parent.mkdir()
     path.write_bytes(b'{"question": "\xff", "answer": "#### 1"}\n')
@@ -187,3 +192,12 @@ def test_prompt_and_answer_text():
         build_prompt(item, style="latex")
     with pytest.raises(EngineError, match="field 'style'"):
         answer_text(item, style="latex")
+
+
+def test_default_style_is_what_the_task_was_written_for():
+    """The synthetic task's prompts are the bare question (what the embedded model learned); the rest ask for
+    a boxed answer. Unknown names fall back to boxed, and the lookup ignores case as load_task does."""
+    assert default_style("synthetic") == default_style(" Synthetic ") == "plain"
+    assert [default_style(t) for t in ("gsm8k", "aime2026", "math500", "no-such-task")] == ["boxed"] * 4
+    register_task("styled-test-task", lambda split, d: [], overwrite=True, style="gsm8k")
+    assert default_style("styled-test-task") == "gsm8k"

@@ -4,7 +4,7 @@ import json
 import pytest
 
 import engine
-from helpers import QWEN3_TOKENIZER, SHARED
+from helpers import DATA, QWEN3_TOKENIZER
 
 
 @pytest.fixture(scope="module")
@@ -14,7 +14,7 @@ def tokenizers():
 
 
 def _questions(n=25):
-    lines = (SHARED / "data" / "gsm8k" / "test.jsonl").read_text().splitlines()
+    lines = (DATA / "gsm8k" / "test.jsonl").read_text().splitlines()
     return [json.loads(line)["question"] for line in lines[:: len(lines) // n][:n]]
 
 

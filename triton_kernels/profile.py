@@ -24,7 +24,7 @@ from triton_kernels.lora_linear import lora_linear
 from triton_kernels.qk_norm_rope import qk_norm_rope
 from triton_kernels.qkv_proj import qkv_proj
 
-# Attention sizes from /work/shared/data/qwen3-configs (hidden, heads, kv heads, head_dim, vocab, layers).
+# Attention sizes from data/qwen3-configs (hidden, heads, kv heads, head_dim, vocab, layers).
 QWEN3_SHAPES = [
     {"model": "Qwen3-0.6B", "hidden": 1024, "heads": 16, "kv_heads": 8, "head_dim": 128, "vocab": 151936, "layers": 28},
     {"model": "Qwen3-1.7B", "hidden": 2048, "heads": 16, "kv_heads": 8, "head_dim": 128, "vocab": 151936, "layers": 28},
