@@ -270,6 +270,9 @@ def bench(json_path, max_seq, sides, **flags) -> None:
     """Training step, this engine vs transformers + PEFT side by side: tokens/s, step time, peak memory, MFU."""
     from benchmarks.bench_train import SIDES, find_max_seq, format_table, run_bench
     from engine.bench import save_result
+    from engine.outputs import claim
+    if json_path:
+        claim(json_path, "bench")  # an existing file that is not a result is refused before the run
     spec = _bench_spec(**flags)
     chosen = SIDES if sides == "both" else (sides,)
     if max_seq is not None:

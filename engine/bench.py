@@ -33,6 +33,7 @@ from .config import Qwen3Config
 from .errors import EngineError
 from .frozen import compacts_by_default, stays_narrow
 from .fsio import write_json
+from .outputs import claim
 from .logprobs import hidden_logprobs, token_logprobs
 from .lora import LoRAConfig, apply_lora
 from .model import Qwen3ForCausalLM, release_cpu_heap
@@ -288,7 +289,7 @@ def gib(n: float | None) -> str:
 
 
 def save_result(result: dict, path: str | os.PathLike) -> None:
-    write_json(path, result)
+    write_json(claim(path, "bench"), result)
 
 
 # ---- where one engine step's time goes ----------------------------------------------------------

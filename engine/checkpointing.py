@@ -31,6 +31,7 @@ from tqdm import tqdm
 from .checkpoint import resolve_model_dir, write_model_files
 from .errors import EngineError
 from .fsio import atomic_dir, atomic_file, jsonl_lines
+from .outputs import claim
 from .lora import adapter_config_dict, load_adapter, read_adapter_config, write_adapter_files
 from .train_config import TrainConfig
 
@@ -253,7 +254,7 @@ class MetricsLog:
             raise EngineError(f"cannot write the metrics log ({e.strerror})", path=path) from None
 
     def _open(self, keep_until: int) -> None:
-        path = self.path
+        path = claim(self.path, "train-metrics")  # not someone else's file of that name
         kept = []
         if path.is_file():
             for _, line in jsonl_lines(path.read_text(encoding="utf-8", errors="replace")):
