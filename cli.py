@@ -24,6 +24,10 @@ class EngineGroup(click.Group):
         except TrainingDiverged as e:
             click.echo(f"stopped: {e}; the last good checkpoint is kept", err=True)
             sys.exit(1)
+        except OSError as e:  # the environment (full disk, read-only or missing path): one line, like bad input
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=EngineGroup)
@@ -203,9 +207,21 @@ def demo(out, seeds, loss_names, steps, eval_limit, config_path) -> None:
     """The whole study on the embedded tiny Qwen3: six trainings, evaluation, analysis report."""
     from engine.study import run_study
     kwargs = {"config": config_path} if config_path else {}
-    report = run_study(out, seeds=[int(s) for s in seeds.split(",")], steps=steps, eval_limit=eval_limit,
+    report = run_study(out, seeds=_seed_list(seeds), steps=steps, eval_limit=eval_limit,
                        loss_names=loss_names.split(",") if loss_names else None, echo=click.echo, **kwargs)
     click.echo(f"report: {report / 'report.md'}")
+
+
+def _seed_list(text: str) -> list[int]:
+    """--seeds "1,2,3": distinct integers in [0, 2^32), at least one."""
+    parts = [s.strip() for s in text.split(",")]
+    try:
+        seeds = [int(s) for s in parts]
+    except ValueError:
+        raise EngineError(f"expected comma-separated integers, got {text!r}", field="--seeds") from None
+    if not seeds or any(not 0 <= s < 2 ** 32 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise EngineError(f"expected distinct seeds in [0, 2^32), got {text!r}", field="--seeds")
+    return seeds
 
 
 @main.command("build-embedded")
@@ -255,7 +271,9 @@ def _bench_spec(model_config, **flags):
     from engine.train_config import REPO_ROOT
     if model_config is None:
         model_config = REPO_ROOT.parent / "shared" / "data" / "qwen3-configs" / "Qwen3-0.6B.json"
-    return BenchSpec(model_config=str(model_config), **flags)
+    spec = BenchSpec(model_config=str(model_config), **flags)
+    spec.config()  # a bad config.json is reported here, not from inside a worker process
+    return spec
 
 
 @main.command()

@@ -33,6 +33,7 @@ from .config import Qwen3Config
 from .errors import EngineError
 from .frozen import compacts_by_default, stays_narrow
 from .fsio import write_json
+from .devices import resolve_device
 from .outputs import claim
 from .logprobs import hidden_logprobs, token_logprobs
 from .lora import LoRAConfig, apply_lora
@@ -81,6 +82,7 @@ class BenchSpec:
                               field="--checkpoint-dtype")
         if not Path(self.model_config).is_file():
             raise EngineError("model config not found", path=self.model_config, field="--model-config")
+        resolve_device(self.device, field="--device")
 
     @property
     def torch_device(self) -> torch.device:

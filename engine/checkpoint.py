@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import Qwen3Config
+from .devices import resolve_device
 from .frozen import stays_narrow
 from .errors import EngineError
 from .fsio import atomic_dir
@@ -139,7 +140,7 @@ def load_model(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | None 
     narrower dtype under `dtype` compute (LoRA training in float32 on CPU; see `load_state_into`)."""
     model_dir = resolve_model_dir(path_or_repo_id)
     config = Qwen3Config.from_json(model_dir / "config.json")
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device) or default_device()
     dtype = dtype or default_dtype(device)
     files = _weight_files(model_dir)
     with torch.device("meta"):

@@ -199,6 +199,14 @@ def tokenize_rollouts(rollouts: Sequence[Rollout], tokenizer: ChatTokenizer, max
             prompt_cache[key] = tokenizer.encode_chat(r.prompt, add_generation_prompt=True,
                                                       enable_thinking=thinking)
         prompt_ids = prompt_cache[key]
+        if max(prompt_ids, default=0) >= (vocab_size or tokenizer.vocab_size):
+            bad_prompt = EngineError(f"prompt token id {max(prompt_ids)} outside the model's vocabulary "
+                                     f"({vocab_size or tokenizer.vocab_size}); the tokenizer is not the model's",
+                                     path=path, line=r.line, field="prompt")
+            if on_bad == "fail":
+                raise bad_prompt
+            skipped.add(bad_prompt)
+            continue
         # The sampled ids when kept: re-encoding the text can give another (canonical) tokenisation,
         # which would misalign behavior_logps and score tokens the policy never produced.
         sampled = r.completion_ids if r.completion_ids is not None else tokenizer.encode(r.completion)

@@ -124,7 +124,7 @@ def claim(path: str | os.PathLike, kind: str) -> Path:
     what, is_dir, recognise = KINDS[kind]
     if not os.path.lexists(path):
         return path
-    if is_dir != path.is_dir():
+    if not (path.is_dir() if is_dir else path.is_file()):  # a device or fifo is no file of ours either
         expected = "a directory" if is_dir else "a file"
         raise EngineError(f"exists and is not {expected}; the {what} goes here (move it or choose another --out)",
                           path=path)

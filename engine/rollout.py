@@ -103,8 +103,8 @@ def scan_rollout_file(path: Path, k: int, source: str) -> set[str]:
     a resume may only ever cut what an interrupted run of this command left."""
     if not os.path.lexists(path):
         return set()
-    if path.is_dir():
-        claim(path, "rollouts")  # raises: a directory where the rollouts file goes
+    if not path.is_file():
+        claim(path, "rollouts")  # raises: a directory (or device) where the rollouts file goes
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -197,10 +197,15 @@ def rollout_items(model: torch.nn.Module, tokenizer: ChatTokenizer, items: Seque
             if f is not None:
                 f.flush()
                 os.fsync(f.fileno())
+    except OSError as e:  # full disk, read-only filesystem: whole groups stay, a torn tail resumes
+        raise EngineError(f"cannot write the rollouts file ({e.strerror})", path=out) from None
     finally:
-        if f is not None:
-            f.close()
         progress.close()
+        if f is not None:
+            try:
+                f.close()
+            except OSError as e:
+                raise EngineError(f"cannot write the rollouts file ({e.strerror})", path=out) from None
     tokens, seconds = _throughput(ctx, progress)
     return {"path": str(out), "groups_skipped": len(done), "groups_written": len(pending),
             "completions": len(rewards), "mean_reward": sum(rewards) / len(rewards) if rewards else None,
@@ -325,10 +330,14 @@ def write_eval(out_dir: str | os.PathLike, task: str, split: str, records: Seque
                summary: dict[str, Any]) -> tuple[Path, Path]:
     """`<out>/<task>_<split>.jsonl` (per item) and `<out>/<task>_<split>_summary.json`, atomically."""
     items_path, summary_path = eval_paths(out_dir, task, split)
-    with atomic_file(items_path) as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    write_json(summary_path, summary)
+    try:
+        with atomic_file(items_path) as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_json(summary_path, summary)
+    except OSError as e:  # each file is whole or absent (atomic); say which one could not be written
+        raise EngineError(f"cannot write the eval results ({e.strerror})",
+                          path=summary_path if items_path.is_file() else items_path) from None
     return items_path, summary_path
 
 

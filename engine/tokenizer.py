@@ -7,7 +7,6 @@ as Qwen3's template renders them.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +14,7 @@ from typing import Sequence
 from tokenizers import Tokenizer
 
 from .errors import EngineError
+from .jsonread import read_json_object
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK_OFF = "<think>\n\n</think>\n\n"
@@ -102,9 +102,12 @@ def load_tokenizer(path: str | os.PathLike) -> ChatTokenizer:
         raise EngineError(f"cannot read tokenizer ({e})", path=tj) from None
     config: dict = {}
     tc = directory / "tokenizer_config.json"
-    if tc.is_file():
-        try:
-            config = json.loads(tc.read_text())
-        except json.JSONDecodeError as e:
-            raise EngineError(f"not valid JSON ({e})", path=tc, line=e.lineno) from None
+    if os.path.lexists(tc):
+        config = read_json_object(tc, "tokenizer_config.json")
+        for key in ("pad_token", "eos_token"):  # what ChatTokenizer reads: a token string or {"content": ...}
+            value = config.get(key)
+            if value is not None and not isinstance(value, str) and not (
+                    isinstance(value, dict) and isinstance(value.get("content"), str)):
+                raise EngineError(f"expected a token string or an object with string 'content', got "
+                                  f"{str(value)[:60]!r}", path=tc, field=key)
     return ChatTokenizer(tok, config, str(directory))

@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from .devices import resolve_device
 from .errors import EngineError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -190,7 +191,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Trai
     Relative `model` / `rollouts` paths in a TOML file are resolved against the repository root when
     they exist there, so presets work from any working directory. Bad files or values raise
     EngineError naming the file, the line and the field."""
-    cfg = TrainConfig()
+    cfg, text = TrainConfig(), None
     if path is not None:
         path = Path(path)
         try:
@@ -219,4 +220,10 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Trai
                 values[key] = str(REPO_ROOT / value)
         apply_overrides(cfg, values, path, text)
     apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
+    try:  # the device that will be used, whichever of file or flag named it
+        resolve_device(cfg.device)
+    except EngineError as e:
+        flag = overrides.get("device") is not None
+        raise EngineError(e.message, path=None if flag else path, line=None if flag else _key_line(text, "device"),
+                          field="--device" if flag else "device") from None
     return cfg
