@@ -54,6 +54,8 @@ PRESETS = ("cpu", "paper")
               help="Most rows per forward/backward (a step is also cut by length where padding costs more).")
 @click.option("--save-every", type=int, default=None)
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --out.")
+@click.option("--allow-change", "allow_changes", multiple=True,
+              help="With --resume: a setting (or rollouts_content) that may differ from the checkpoint's.")
 @click.option("--on-bad", type=click.Choice(["fail", "skip"]), default=None, help="Bad rollout lines.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
 @click.option("--full-finetune", is_flag=True, default=None, help="Train every weight (no LoRA).")
@@ -84,6 +86,7 @@ def train(loss, preset, config_path, resume, quiet, **flags) -> None:
                           field="--loss")
     lr = flags.pop("lr")
     out = flags.pop("out")
+    flags["allow_changes"] = list(flags["allow_changes"]) or None
     try:
         for name in names:
             cfg = load_config(config_path, loss=name, **flags)

@@ -112,6 +112,9 @@ def load_state_into(model: torch.nn.Module, files: list[Path], dtype: torch.dtyp
                         raise EngineError(f"tensor {name!r} has shape {list(shape)}, expected "
                                           f"{list(p.shape)} from config.json", path=f)
                     t = sf.get_tensor(name)
+                    if not t.dtype.is_floating_point:  # casting integer (quantised?) weights trains garbage
+                        raise EngineError(f"tensor {name!r} is stored as {str(t.dtype).removeprefix('torch.')}; "
+                                          "expected floating-point weights (a quantised checkpoint?)", path=f)
                     keep = compact_frozen and stays_narrow(t.dtype, t.dim(), dtype)
                     t = t.to(device=device) if keep else t.to(device=device, dtype=dtype)
                     _assign(model, name, t)

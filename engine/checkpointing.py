@@ -32,6 +32,7 @@ from .checkpoint import resolve_model_dir, write_model_files
 from .errors import EngineError
 from .fsio import atomic_dir, atomic_file, jsonl_lines
 from .outputs import claim
+from .settings import check_resume, content_hash
 from .lora import adapter_config_dict, load_adapter, read_adapter_config, write_adapter_files
 from .train_config import TrainConfig
 
@@ -89,7 +90,8 @@ def save(directory: Path, model, optimizer, cfg: TrainConfig, step: int) -> None
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
             (tmp / "rng.safetensors").write_bytes(save_safetensors(rng))
-            (tmp / STATE).write_text(json.dumps({"step": step, "config": cfg.to_dict()}, indent=2) + "\n")
+            (tmp / STATE).write_text(json.dumps({"step": step, "config": cfg.to_dict(),
+                                                 "rollouts_sha256": content_hash(cfg.rollouts)}, indent=2) + "\n")
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
             (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2) + "\n")
@@ -185,9 +187,10 @@ def restore(directory: Path, model, optimizer, cfg: TrainConfig) -> int:
     except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
         raise EngineError(f"unreadable trainer state ({e})", path=directory / STATE) from None
     for key in RESUME_INVARIANTS:
-        if saved.get(key) != cfg.to_dict().get(key):
+        if saved.get(key) != cfg.to_dict().get(key) and key not in cfg.allow_changes:
             raise EngineError(f"cannot resume: '{key}' was {saved.get(key)!r} in this run, now "
                               f"{cfg.to_dict().get(key)!r}", path=directory / STATE, field=key)
+    check_resume(state, cfg, directory / STATE)  # every other setting that changes the run, and the data
     if cfg.full_finetune:
         params = {n: p for n, p in model.named_parameters()}
         fresh = load_file(str(directory / "model.safetensors"))

@@ -251,6 +251,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
                 m = modules[module_name]
                 target = m.lora_A if kind == "A.weight" else m.lora_B
                 t = sf.get_tensor(key)
+                if not t.dtype.is_floating_point or not bool(torch.isfinite(t).all()):
+                    raise EngineError(f"tensor {key!r} holds NaN or infinite values (or is not floating-point): "
+                                      "a diverged or damaged adapter", path=weights)
                 if tuple(t.shape) != tuple(target.shape):
                     raise EngineError(f"tensor {key!r} has shape {list(t.shape)}, expected {list(target.shape)} "
                                       f"(different rank or base model?)", path=weights)

@@ -61,8 +61,12 @@ def load_for_generation(model_path: str | os.PathLike, adapter: str | os.PathLik
 def encode_prompts(tokenizer: ChatTokenizer, items: Sequence[TaskItem], style: str,
                    enable_thinking: bool | None) -> tuple[list[list[dict]], list[list[int]]]:
     messages = [build_prompt(item, style) for item in items]
-    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, enable_thinking=enable_thinking)
-             for m in messages]
+    texts = []
+    for item, m in zip(items, messages):
+        try:
+            texts.append(tokenizer.apply_chat_template(m, add_generation_prompt=True, enable_thinking=enable_thinking))
+        except EngineError as e:  # name the task item the prompt came from
+            raise EngineError(f"item {item.id!r}: {e.message}", field="prompt") from None
     return messages, tokenizer.encode_batch(texts)
 
 

@@ -39,6 +39,8 @@ class ChatTokenizer:
         eos_id = vocab.get(eos if isinstance(eos, str) else eos.get("content"), self.im_end_id)
         self.stop_ids = tuple(dict.fromkeys([self.im_end_id, self.endoftext_id, eos_id]))
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        # Text of the special (control) tokens: in a message's content it would become the control token.
+        self.special_texts = tuple(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -68,6 +70,10 @@ class ChatTokenizer:
             if role not in ("system", "user", "assistant") or not isinstance(content, str):
                 raise EngineError(f"message {i}: expected role system/user/assistant and string content, "
                                   f"got role={role!r}", field="messages")
+            control = next((t for t in self.special_texts if t in content), None)
+            if control is not None:  # it would silently turn into a real turn boundary / control token
+                raise EngineError(f"message {i} ({role}): content holds the control-token text {control!r}",
+                                  field="messages")
             if role == "assistant":
                 reasoning = m.get("reasoning_content")
                 if not isinstance(reasoning, str):

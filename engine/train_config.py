@@ -13,6 +13,7 @@ from typing import Any
 
 from .devices import resolve_device
 from .errors import EngineError
+from .settings import check_loss_names, record_origin
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL = REPO_ROOT / "embedded" / "base"
@@ -56,6 +57,7 @@ class TrainConfig:
     device: str | None = None
     ref_cache: str | None = None    # where cached reference log-probs live (default: beside the output)
     fsdp: bool = False              # under torchrun: shard the frozen base with FSDP2 (LoRA stays replicated)
+    allow_changes: list[str] = dataclasses.field(default_factory=list)  # settings a --resume may change
 
     def lr_for(self, loss: str) -> float:
         return float(self.lr_per_loss.get(loss, self.lr))
@@ -93,7 +95,10 @@ _RULES: dict[str, tuple[Any, str]] = {
     "dtype": (lambda v: v is None or v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
     "model": (lambda v: v != "", "a non-empty path"), "rollouts": (lambda v: v != "", "a non-empty path"),
     "out": (lambda v: v != "", "a non-empty path"),
+    "allow_changes": (lambda v: all(k in _FIELDS or k == "rollouts_content" for k in v),
+                      "setting names (or rollouts_content)"),
 }
+_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -182,6 +187,7 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], path: Path | None 
         if key not in fields:
             raise fail(f"unknown setting; valid: {', '.join(sorted(fields))}")
         setattr(cfg, key, _check(key, value, hints[key], fail))
+        record_origin(cfg, key, path, _key_line(text, key) if path is not None else None)
     return cfg
 
 
@@ -220,6 +226,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Trai
                 values[key] = str(REPO_ROOT / value)
         apply_overrides(cfg, values, path, text)
     apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
+    check_loss_names(cfg, text)
     try:  # the device that will be used, whichever of file or flag named it
         resolve_device(cfg.device)
     except EngineError as e:

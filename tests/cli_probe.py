@@ -42,8 +42,8 @@ import contextlib, io, json, sys, traceback
 sys.path.insert(0, sys.argv[1])
 import cli
 for args in json.loads(sys.stdin.read()):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             cli.main(args, prog_name="cli.py")
             code = 0
@@ -52,7 +52,7 @@ for args in json.loads(sys.stdin.read()):
         except BaseException:
             traceback.print_exc()
             code = 1
-    print(json.dumps([code, err.getvalue()]), flush=True)
+    print(json.dumps([code, err.getvalue(), out.getvalue()]), flush=True)
 '''
 
 
@@ -65,4 +65,4 @@ def run_cli_batch(probes: list[list[object]], timeout: float = 300) -> list[subp
                           cwd=REPO)
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("[")]
     assert len(results) == len(probes), proc.stderr[-3000:]
-    return [subprocess.CompletedProcess(p, code, "", err) for p, (code, err) in zip(probes, results)]
+    return [subprocess.CompletedProcess(p, code, out, err) for p, (code, err, out) in zip(probes, results)]
