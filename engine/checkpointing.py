@@ -74,6 +74,7 @@ def _test_fault(point: str, step: int) -> None:
 
 def save(directory: Path, model, optimizer, cfg: TrainConfig, step: int) -> None:
     """Write a checkpoint atomically; a failed write raises EngineError and changes nothing."""
+    claim(directory, "checkpoint")  # a user's own `final/` in --out is not replaced
     try:
         with atomic_dir(directory) as tmp:
             if cfg.full_finetune:

@@ -23,7 +23,8 @@ import torch
 
 from .errors import EngineError, is_finite_number
 from .fsio import JSON_WHITESPACE
-from .rollout_checks import check_line_size, ids_text_mismatch
+from .jsonread import check_line_size
+from .rollout_checks import ids_text_mismatch
 from .tokenizer import ChatTokenizer
 
 

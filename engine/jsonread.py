@@ -11,6 +11,17 @@ from typing import Any
 from .errors import EngineError
 
 
+# A JSON-lines record past this many bytes (or characters) is refused before it is parsed or tokenised: a
+# 32k-token rollout with its behavior_logps and completion_ids, or any task problem, stays far below it.
+MAX_LINE_BYTES = 16 * 2 ** 20
+
+
+def check_line_size(data: "bytes | str", path: "str | os.PathLike", line: int) -> None:
+    if len(data) > MAX_LINE_BYTES:
+        raise EngineError(f"line of {len(data) / 2 ** 20:.1f} MiB exceeds the {MAX_LINE_BYTES // 2 ** 20} MiB a "
+                          "record may hold", path=path, line=line)
+
+
 def read_json(path: str | os.PathLike, what: str) -> Any:
     try:
         raw = Path(path).read_bytes()

@@ -109,6 +109,9 @@ KINDS: dict[str, tuple[str, bool, Callable[[Path], bool]]] = {
     "bench": ("bench result", False, lambda p: _json_object(p, {"spec"}) or _json_object(p, {"rows"})),
     "train-metrics": ("training metrics log", False, _jsonl_log),
     "sft-data": ("synthetic pretraining data", False, lambda p: _jsonl_objects(p, {"prompt", "completion"})),
+    # A checkpoint directory the trainer replaces (step-N/, final/): one of ours holds its state or manifest.
+    "checkpoint": ("checkpoint directory", True,
+                   lambda p: (p / "trainer_state.json").is_file() or (p / "manifest.json").is_file()),
     "embedded-base": ("embedded base model directory", True,
                       only_names("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                                  "generation_config.json")),

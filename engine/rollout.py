@@ -65,8 +65,9 @@ def encode_prompts(tokenizer: ChatTokenizer, items: Sequence[TaskItem], style: s
     for item, m in zip(items, messages):
         try:
             texts.append(tokenizer.apply_chat_template(m, add_generation_prompt=True, enable_thinking=enable_thinking))
-        except EngineError as e:  # name the task item the prompt came from
-            raise EngineError(f"item {item.id!r}: {e.message}", field="prompt") from None
+        except EngineError as e:  # name the task item the prompt came from: its file and line when known
+            path, line = item.where or (None, None)
+            raise EngineError(f"item {item.id!r}: {e.message}", path=path, line=line, field="question") from None
     return messages, tokenizer.encode_batch(texts)
 
 

@@ -1,6 +1,6 @@
 """Checks across rollout records that one line alone cannot make: a group is one prompt's K
 rollouts (the same id written one way, one prompt per id), a completion's text is what its
-completion_ids decode to, and no line is too large to tokenise. A failure names the file and the
+completion_ids decode to. A failure names the file and the
 line(s); with on_bad="skip" the offending line is skipped and counted like any bad line."""
 from __future__ import annotations
 
@@ -9,17 +9,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import EngineError
-
-# A rollout line past this many bytes is refused before it is parsed or tokenised: a 32k-token
-# completion with its behavior_logps and completion_ids stays far below it.
-MAX_LINE_BYTES = 16 * 2 ** 20
-
-
-def check_line_size(data: bytes, path: Path, line: int) -> None:
-    if len(data) > MAX_LINE_BYTES:
-        raise EngineError(f"line of {len(data) / 2 ** 20:.1f} MiB exceeds the {MAX_LINE_BYTES // 2 ** 20} MiB a rollout "
-                          "line may hold", path=path, line=line)
-
 
 def check_groups(rollouts: Sequence[Any], path: Path, on_bad: str, skipped: Any) -> list[Any]:
     """The rollouts whose group id agrees with its first use: same spelling (1 vs "1") and same prompt."""

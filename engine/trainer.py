@@ -31,6 +31,7 @@ from .frozen import compacts_by_default
 from .lora import LoRAConfig, apply_lora
 from .model import release_cpu_heap
 from .optim import AdamW, CosineSchedule
+from .outputs import claim
 from .rollout_checks import check_groups
 from .settings import setting_error
 from .tokenizer import load_tokenizer
@@ -337,6 +338,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     def acquire() -> None:
         lock.__enter__()
         ckpt.recover(Path(cfg.out))  # leftovers of a killed run; safe now that we hold the lock
+        claim(Path(cfg.out) / "final", "checkpoint")  # refused now, not after the training it would end
     try:
         distributed.on_main(ctx, acquire)
         return Trainer(cfg, resume=resume, progress=progress, dist=ctx).run()

@@ -122,3 +122,12 @@ def test_eval_rerun_replaces_its_own_output(tmp_path):
         proc = run_cli(*args)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert len((out / "synthetic_test.jsonl").read_text().splitlines()) == 2
+
+
+def test_train_resume_keeps_a_foreign_final_directory(tmp_path):
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    (out / "final" / "notes.txt").write_text("mine\n")
+    proc = run_cli("train", "--loss", "sft", "--steps", 1, "--out", out, "--quiet", "--resume")
+    assert_one_line_error(proc, str(out / "final"), "not a checkpoint directory")
+    assert (out / "final" / "notes.txt").read_text() == "mine\n"
