@@ -84,7 +84,8 @@ class Qwen3Config:
             return all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
         for key, ok, expected in (("tie_word_embeddings", lambda v: isinstance(v, bool), "true or false"),
                                   ("bos_token_id", lambda v: v is None or token_ids(v), "a token id or null"),
-                                  ("eos_token_id", lambda v: v is None or token_ids(v), "a token id, a list of them or null"),
+                                  ("eos_token_id", lambda v: v is None or token_ids(v),
+                                   "a token id, a list of them or null"),
                                   ("torch_dtype", lambda v: v is None or isinstance(v, str), "a dtype name or null"),
                                   ("max_position_embeddings", lambda v: token_ids(v) and v > 0, "a positive integer")):
             if key in kwargs and not ok(kwargs[key]):

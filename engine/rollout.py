@@ -3,8 +3,9 @@
 Rollouts: K sampled completions per task item, graded, appended to a JSONL file in the trainer's format
 (one completion per line; see `engine.data`). The K lines of a group are written with one write and an
 fsync, so an interrupted run leaves whole groups plus at most one torn tail; a rerun truncates the tail and
-skips the groups already written. Sample j of item `id` draws from seed `sequence_seed(seed, id, j)`, so
-a resumed run writes exactly what an uninterrupted one would have.
+skips the groups already written. Only a file of this command's own records is resumed into: any other
+existing --out is refused untouched (`scan_rollout_file`, `engine.outputs`). Sample j of item `id` draws
+from seed `sequence_seed(seed, id, j)`, so a resumed run writes exactly what an uninterrupted one would have.
 
 Evaluation: greedy pass@1 (the protocol's evaluation), a per-item JSONL (id, completion, extracted
 answer, gold, correct) that the analysis pairs across runs for McNemar, and a summary with the accuracy

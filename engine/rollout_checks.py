@@ -48,7 +48,8 @@ def ids_text_mismatch(tokenizer: Any, r: Any, path: Path) -> "EngineError | None
         return None    # the vocabulary check that follows names the bad id
     if decoded == r.completion:
         return None
-    at = next((i for i, (a, b) in enumerate(zip(decoded, r.completion)) if a != b), min(len(decoded), len(r.completion)))
+    at = next((i for i, (a, b) in enumerate(zip(decoded, r.completion)) if a != b),
+              min(len(decoded), len(r.completion)))
     return EngineError(f"completion text differs from what completion_ids decode to (from character {at}: "
                        f"{r.completion[at:at + 20]!r} vs {decoded[at:at + 20]!r})", path=path, line=r.line,
                        field="completion")

@@ -8,7 +8,7 @@ import functools
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .errors import EngineError
 
@@ -29,21 +29,28 @@ def setting_error(cfg: Any, key: str, message: str) -> EngineError:
     return EngineError(message, path=path, line=line, field=key)
 
 
+def toml_lines(text: "str | None") -> Iterator[tuple[int, "str | None", "str | None"]]:
+    """(line number, current [table] or None at the top level, the key of a `key = ...` line or None for
+    a table header). Best effort, line by line: enough to point an error at the line a key is on."""
+    table = None
+    for number, line in enumerate((text or "").splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("["):
+            table = stripped.lstrip("[").split("]")[0].strip().strip('"').strip("'")
+            yield number, table, None
+        elif "=" in stripped:
+            yield number, table, stripped.split("=", 1)[0].strip().strip('"').strip("'")
+
+
 def table_key_line(text: "str | None", table: str, key: str) -> "int | None":
     """The line of `key` in TOML `text` inside [table], as a [table.key] header or `table.key =`."""
-    if not text:
-        return None
-    current = None
-    for number, line in enumerate(text.splitlines(), 1):
-        s = line.strip()
-        if s.startswith("["):
-            current = s.strip("[] \t").replace('"', "").replace("'", "")
-            if current == f"{table}.{key}":
-                return number
-            continue
-        head = s.split("=", 1)[0].strip().replace('"', "").replace("'", "") if "=" in s else None
-        if head is not None and (current == table and head.split(".")[0] == key
-                                 or current is None and head.startswith(f"{table}.{key}")):
+    for number, current, head in toml_lines(text):
+        if head is None:
+            found = current == f"{table}.{key}"                       # [table.key]
+        else:                                                         # key = ... in [table], or table.key = ...
+            found = current == table and head.split(".")[0] == key or \
+                current is None and head.startswith(f"{table}.{key}")
+        if found:
             return number
     return None
 

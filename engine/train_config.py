@@ -13,7 +13,7 @@ from typing import Any
 
 from .devices import resolve_device
 from .errors import EngineError
-from .settings import check_loss_names, record_origin
+from .settings import check_loss_names, record_origin, toml_lines
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL = REPO_ROOT / "embedded" / "base"
@@ -158,19 +158,10 @@ def _check(name: str, value: Any, hint: Any, fail) -> Any:
 def _key_line(text: str | None, key: str) -> int | None:
     """The line of a top-level key in TOML `text`: `key = ...`, `key.sub = ...` outside any table,
     or a `[key]` / `[key.sub]` table header. Best effort (None when not found)."""
-    if not text:
-        return None
-    in_table = False
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if stripped.startswith("["):
-            header = stripped.lstrip("[").split("]")[0].strip().strip('"').strip("'")
-            if header == key or header.startswith(key + "."):
-                return number
-            in_table = True
-            continue
-        head = stripped.split("=", 1)[0].strip().strip('"').strip("'")
-        if not in_table and "=" in stripped and (head == key or head.startswith(key + ".")):
+    for number, table, head in toml_lines(text):
+        if head is None and (table == key or table.startswith(key + ".")):
+            return number
+        if head is not None and table is None and (head == key or head.startswith(key + ".")):
             return number
     return None
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_probe import EMBEDDED, assert_one_line_error, run_cli, run_cli_batch
+from cli_probe import EMBEDDED, assert_one_line_error, run_cli_batch
 from helpers import tiny_model_dir, write_rollouts
 
 

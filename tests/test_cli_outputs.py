@@ -1,12 +1,11 @@
 """Class 1 of issue 20: a command never truncates, replaces or deletes a path it did not recognisably
 write. Real `cli.py` processes; every refused path must be left byte for byte."""
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from cli_probe import EMBEDDED, assert_one_line_error, rollout_args, run_cli
+from cli_probe import EMBEDDED, assert_one_line_error, rollout_args, run_cli, run_cli_batch
 
 FOREIGN_TEXT = "my notes\nline two\n{\"not\": \"a rollout\"}\n"
 
@@ -48,14 +47,15 @@ def foreign_rollout_outs(tmp: Path, reference: bytes) -> dict[str, Path]:
 
 
 def test_rollout_refuses_files_it_did_not_write(tmp_path, reference):
-    for name, path in foreign_rollout_outs(tmp_path, reference).items():
-        before = path.read_bytes()
-        proc = run_cli(*rollout_args(path))
-        assert_one_line_error(proc, str(path))
-        assert path.read_bytes() == before, name
+    outs = foreign_rollout_outs(tmp_path, reference)
+    before = {name: path.read_bytes() for name, path in outs.items()}
     directory = tmp_path / "a-dir"
     directory.mkdir()
-    assert_one_line_error(run_cli(*rollout_args(directory)), str(directory), "not a file")
+    results = run_cli_batch([rollout_args(path) for path in outs.values()] + [rollout_args(directory)])
+    for (name, path), proc in zip(outs.items(), results):
+        assert_one_line_error(proc, str(path))
+        assert path.read_bytes() == before[name], name
+    assert_one_line_error(results[-1], str(directory), "not a file")
 
 
 def test_rollout_resume_cuts_only_its_own_torn_tail(tmp_path, reference):
@@ -91,16 +91,19 @@ def test_eval_analyze_bench_build_train_refuse_foreign_outputs(tmp_path):
     before = snapshot(foreign)
 
     eval_out = foreign / "eval"
-    assert_one_line_error(run_cli("eval", "--model", EMBEDDED, "--task", "synthetic", "--limit", 2,
-                                  "--max-new-tokens", 4, "--device", "cpu", "--out", eval_out),
-                          str(eval_out / "synthetic_test.jsonl"), "not a per-item eval file")
-    for sub, name in (("report", "report.md"), ("metrics", "metrics.json")):
-        assert_one_line_error(run_cli("analyze", tmp_path / "no-run", "--out", foreign / sub), name)
-    assert_one_line_error(run_cli("bench", "--model-config", tmp_path / "none.json", "--json", foreign / "bench.json"),
-                          "bench.json", "not a bench result")
-    assert_one_line_error(run_cli("build-embedded", "--out", foreign / "build" / "out"), "build-embedded")
-    assert_one_line_error(run_cli("build-embedded", "--out", foreign / "build2" / "out"), "base")
-    assert_one_line_error(run_cli("build-embedded", "--out", foreign / "build3" / "out"), "rollouts.jsonl")
+    cases = [
+        (["eval", "--model", EMBEDDED, "--task", "synthetic", "--limit", 2, "--max-new-tokens", 4, "--device", "cpu",
+          "--out", eval_out], [str(eval_out / "synthetic_test.jsonl"), "not a per-item eval file"]),
+        (["analyze", tmp_path / "no-run", "--out", foreign / "report"], ["report.md"]),
+        (["analyze", tmp_path / "no-run", "--out", foreign / "metrics"], ["metrics.json"]),
+        (["bench", "--model-config", tmp_path / "none.json", "--json", foreign / "bench.json"],
+         ["bench.json", "not a bench result"]),
+        (["build-embedded", "--out", foreign / "build" / "out"], ["build-embedded"]),
+        (["build-embedded", "--out", foreign / "build2" / "out"], ["base"]),
+        (["build-embedded", "--out", foreign / "build3" / "out"], ["rollouts.jsonl"]),
+    ]
+    for (_, needles), proc in zip(cases, run_cli_batch([args for args, _ in cases])):
+        assert_one_line_error(proc, *needles)
     assert snapshot(foreign) == before
 
 
