@@ -186,7 +186,10 @@ class EngineRunner:
         # As the trainer loads a checkpoint: matrices kept at the checkpoint's precision for float32 on CPU.
         self.model = random_engine_model(spec.config(), spec.seed, spec.torch_device, spec.dtype, spec.weights_dtype,
                                          compact_frozen=compacts_by_default(spec.torch_device, spec.dtype))
-        apply_lora(self.model, LoRAConfig(r=spec.rank, alpha=spec.alpha), seed=spec.seed)
+        try:
+            apply_lora(self.model, LoRAConfig(r=spec.rank, alpha=spec.alpha), seed=spec.seed)
+        except EngineError as e:  # the flag the user gave, not LoRAConfig's name for it
+            raise EngineError(e.message, field="--rank" if e.field == "r" else e.field) from None
         self.model.gradient_checkpointing = spec.engine_checkpointing()
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]

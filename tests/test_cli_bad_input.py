@@ -137,7 +137,7 @@ def bench_args(tmp_path, *extra):
 
 def test_bench_worker_error_is_one_line(tmp_path):
     proc = run_cli(*bench_args(tmp_path, "--steps", 1, "--rank", 1000))
-    assert_one_line_error(proc, "engine worker", "LoRA rank 1000")
+    assert_one_line_error(proc, "engine worker", "LoRA rank 1000", "field '--rank'")
 
 
 def _children(pid: int) -> list[int]:
