@@ -24,6 +24,10 @@ class EngineGroup(click.Group):
         except TrainingDiverged as e:
             click.echo(f"stopped: {e}; the last good checkpoint is kept", err=True)
             sys.exit(1)
+        except OSError as e:  # the environment (full disk, read-only or missing path): one line, like bad input
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"error: {where}{e.strerror or e}", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=EngineGroup)
@@ -50,6 +54,8 @@ PRESETS = ("cpu", "paper")
               help="Most rows per forward/backward (a step is also cut by length where padding costs more).")
 @click.option("--save-every", type=int, default=None)
 @click.option("--resume", is_flag=True, help="Continue from the newest complete checkpoint in --out.")
+@click.option("--allow-change", "allow_changes", multiple=True,
+              help="With --resume: a setting (or rollouts_content) that may differ from the checkpoint's.")
 @click.option("--on-bad", type=click.Choice(["fail", "skip"]), default=None, help="Bad rollout lines.")
 @click.option("--gradient-checkpointing/--no-gradient-checkpointing", default=None)
 @click.option("--full-finetune", is_flag=True, default=None, help="Train every weight (no LoRA).")
@@ -80,6 +86,7 @@ def train(loss, preset, config_path, resume, quiet, **flags) -> None:
                           field="--loss")
     lr = flags.pop("lr")
     out = flags.pop("out")
+    flags["allow_changes"] = list(flags["allow_changes"]) or None
     try:
         for name in names:
             cfg = load_config(config_path, loss=name, **flags)
@@ -204,9 +211,21 @@ def demo(out, seeds, loss_names, steps, eval_limit, config_path) -> None:
     """The whole study on the embedded tiny Qwen3: six trainings, evaluation, analysis report."""
     from engine.study import run_study
     kwargs = {"config": config_path} if config_path else {}
-    report = run_study(out, seeds=[int(s) for s in seeds.split(",")], steps=steps, eval_limit=eval_limit,
+    report = run_study(out, seeds=_seed_list(seeds), steps=steps, eval_limit=eval_limit,
                        loss_names=loss_names.split(",") if loss_names else None, echo=click.echo, **kwargs)
     click.echo(f"report: {report / 'report.md'}")
+
+
+def _seed_list(text: str) -> list[int]:
+    """--seeds "1,2,3": distinct integers in [0, 2^32), at least one."""
+    parts = [s.strip() for s in text.split(",")]
+    try:
+        seeds = [int(s) for s in parts]
+    except ValueError:
+        raise EngineError(f"expected comma-separated integers, got {text!r}", field="--seeds") from None
+    if not seeds or any(not 0 <= s < 2 ** 32 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise EngineError(f"expected distinct seeds in [0, 2^32), got {text!r}", field="--seeds")
+    return seeds
 
 
 @main.command("build-embedded")
@@ -256,7 +275,9 @@ def _bench_spec(model_config, **flags):
     from engine.tasks import QWEN3_CONFIGS
     if model_config is None:
         model_config = QWEN3_CONFIGS / "Qwen3-0.6B.json"
-    return BenchSpec(model_config=str(model_config), **flags)
+    spec = BenchSpec(model_config=str(model_config), **flags)
+    spec.config()  # a bad config.json is reported here, not from inside a worker process
+    return spec
 
 
 @main.command()
@@ -271,6 +292,9 @@ def bench(json_path, max_seq, sides, **flags) -> None:
     """Training step, this engine vs transformers + PEFT side by side: tokens/s, step time, peak memory, MFU."""
     from benchmarks.bench_train import SIDES, find_max_seq, format_table, run_bench
     from engine.bench import save_result
+    from engine.outputs import claim
+    if json_path:
+        claim(json_path, "bench")  # an existing file that is not a result is refused before the run
     spec = _bench_spec(**flags)
     chosen = SIDES if sides == "both" else (sides,)
     if max_seq is not None:

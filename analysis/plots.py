@@ -14,9 +14,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from engine.fsio import atomic_file  # noqa: E402
+from engine.outputs import claim  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
+    claim(path, "plot")
     with atomic_file(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)

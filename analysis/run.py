@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 
 from engine.errors import EngineError
 from engine.fsio import write_json, write_text
+from engine.outputs import claim, claim_dir
 
 from .adapters import AdapterSet, load_adapters
 from .geometry import compute_geometry, summarize
@@ -106,6 +107,8 @@ def run_analysis(run_dirs: Sequence[str | os.PathLike], base: str | os.PathLike 
     True requires it, False skips them (geometry needs only the adapters)."""
     if not isinstance(k, int) or k < 1:
         raise EngineError(f"expected a positive integer, got {k!r}", field="k")
+    claim(claim_dir(out) / "metrics.json", "metrics")  # refused before the work, not after it
+    claim(Path(out) / "report.md", "report")
     if function_space is None:
         function_space = _has_weights(base)
     if function_space and base is None:
@@ -144,7 +147,7 @@ def run_analysis(run_dirs: Sequence[str | os.PathLike], base: str | os.PathLike 
     if plots:
         from .plots import draw_all
         metrics["plots"] = draw_all(metrics, out)
-    write_json(out / "metrics.json", metrics)
-    write_text(out / "report.md", render(metrics))
+    write_json(claim(out / "metrics.json", "metrics"), metrics)
+    write_text(claim(out / "report.md", "report"), render(metrics))
     echo(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and {len(metrics['plots'])} plots")
     return metrics

@@ -11,6 +11,7 @@ import numpy as np
 
 from engine.errors import EngineError
 from engine.fsio import write_json, write_text
+from engine.outputs import claim
 
 
 def _pm(values: list[float], digits: int = 3) -> str:
@@ -58,6 +59,6 @@ def write_seed_summary(report_dirs: Sequence[str | os.PathLike], out: str | os.P
         lines += ["", f"## Accuracy ({key})", "", "| run | accuracy |", "|---|---|"]
         lines += [f"| {run} | {_pm(v)} |" for run, v in acc.items()]
     out = Path(out)
-    write_json(out / "seeds.json", summary)
-    write_text(out / "report.md", "\n".join(lines) + "\n")
+    write_json(claim(out / "seeds.json", "seeds"), summary)
+    write_text(claim(out / "report.md", "report"), "\n".join(lines) + "\n")
     return summary

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.bench import (BenchSpec, EngineRunner, device_name, device_peak_flops, fill_random_, gib,  # noqa: E402
                           init_lora_a, loss_of, make_batch, memory_report, reset_peak, step_flops, sync)
+from engine.childproc import die_with_parent  # noqa: E402
 from engine.errors import EngineError  # noqa: E402
 
 SIDES = ("engine", "hf")
@@ -107,6 +108,7 @@ def _is_oom(e: BaseException) -> bool:
 
 def _worker(side: str, spec_dict: dict[str, Any], conn) -> None:
     """A spawned process holding one side: replies to ("step", None), ("seq", T), ("stop", None)."""
+    die_with_parent()  # a bench killed with -9 takes its workers with it
     try:
         spec = BenchSpec(**spec_dict)
         if spec.cpu_mem_limit_gb and spec.torch_device.type == "cpu":
@@ -153,6 +155,8 @@ def _worker(side: str, spec_dict: dict[str, Any], conn) -> None:
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 conn.send(("oom", str(e).splitlines()[0][:200]))
+    except EngineError as e:  # bad input met in the worker: the parent raises it as its own
+        conn.send(("input-error", (e.message, e.path, e.line, e.field)))
     except BaseException:  # noqa: BLE001 - the parent reports it
         conn.send(("error", traceback.format_exc()))
 
@@ -176,10 +180,16 @@ class Worker:
             kind, payload = self.conn.recv()
         except EOFError:
             self.proc.join(5)
-            raise RuntimeError(f"{self.side} worker died (exit code {self.proc.exitcode}; "
-                               "killed for memory?)") from None
-        if kind == "error":
-            raise RuntimeError(f"{self.side} worker failed:\n{payload}")
+            raise EngineError(f"{self.side} worker died (exit code {self.proc.exitcode}; "
+                              "killed for memory?)") from None
+        if kind == "input-error":
+            message, path, line, field = payload
+            raise EngineError(f"{self.side} worker: {message}", path=path, line=line, field=field)
+        if kind == "error":  # one line for the user; the whole traceback with ENGINE_DEBUG=1
+            if os.environ.get("ENGINE_DEBUG"):
+                print(payload, file=sys.stderr)
+            last = payload.strip().splitlines()[-1] if payload.strip() else "unknown error"
+            raise EngineError(f"{self.side} worker failed: {last[:300]}")
         if kind == "oom":
             return {"oom": payload}
         return payload
@@ -262,7 +272,7 @@ def find_max_seq(spec: BenchSpec, side: str, limit: int, log: Callable[[str], No
         if worker.proc.is_alive():
             try:
                 r = worker.ask("seq", seq)
-            except RuntimeError as e:  # died: killed for memory
+            except (RuntimeError, EngineError) as e:  # died: killed for memory
                 r = {"oom": str(e).splitlines()[0]}
         else:
             r = {"oom": "worker gone"}

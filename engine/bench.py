@@ -33,6 +33,8 @@ from .config import Qwen3Config
 from .errors import EngineError
 from .frozen import compacts_by_default, stays_narrow
 from .fsio import write_json
+from .devices import resolve_device
+from .outputs import claim
 from .logprobs import hidden_logprobs, token_logprobs
 from .lora import LoRAConfig, apply_lora
 from .model import Qwen3ForCausalLM, release_cpu_heap
@@ -80,6 +82,7 @@ class BenchSpec:
                               field="--checkpoint-dtype")
         if not Path(self.model_config).is_file():
             raise EngineError("model config not found", path=self.model_config, field="--model-config")
+        resolve_device(self.device, field="--device")
 
     @property
     def torch_device(self) -> torch.device:
@@ -183,7 +186,10 @@ class EngineRunner:
         # As the trainer loads a checkpoint: matrices kept at the checkpoint's precision for float32 on CPU.
         self.model = random_engine_model(spec.config(), spec.seed, spec.torch_device, spec.dtype, spec.weights_dtype,
                                          compact_frozen=compacts_by_default(spec.torch_device, spec.dtype))
-        apply_lora(self.model, LoRAConfig(r=spec.rank, alpha=spec.alpha), seed=spec.seed)
+        try:
+            apply_lora(self.model, LoRAConfig(r=spec.rank, alpha=spec.alpha), seed=spec.seed)
+        except EngineError as e:  # the flag the user gave, not LoRAConfig's name for it
+            raise EngineError(e.message, field="--rank" if e.field == "r" else e.field) from None
         self.model.gradient_checkpointing = spec.engine_checkpointing()
         self.model.train()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -288,7 +294,7 @@ def gib(n: float | None) -> str:
 
 
 def save_result(result: dict, path: str | os.PathLike) -> None:
-    write_json(path, result)
+    write_json(claim(path, "bench"), result)
 
 
 # ---- where one engine step's time goes ----------------------------------------------------------

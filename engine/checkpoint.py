@@ -14,6 +14,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import Qwen3Config
+from .devices import resolve_device
 from .frozen import stays_narrow
 from .errors import EngineError
 from .fsio import atomic_dir
@@ -111,6 +112,9 @@ def load_state_into(model: torch.nn.Module, files: list[Path], dtype: torch.dtyp
                         raise EngineError(f"tensor {name!r} has shape {list(shape)}, expected "
                                           f"{list(p.shape)} from config.json", path=f)
                     t = sf.get_tensor(name)
+                    if not t.dtype.is_floating_point:  # casting integer (quantised?) weights trains garbage
+                        raise EngineError(f"tensor {name!r} is stored as {str(t.dtype).removeprefix('torch.')}; "
+                                          "expected floating-point weights (a quantised checkpoint?)", path=f)
                     keep = compact_frozen and stays_narrow(t.dtype, t.dim(), dtype)
                     t = t.to(device=device) if keep else t.to(device=device, dtype=dtype)
                     _assign(model, name, t)
@@ -139,7 +143,7 @@ def load_model(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | None 
     narrower dtype under `dtype` compute (LoRA training in float32 on CPU; see `load_state_into`)."""
     model_dir = resolve_model_dir(path_or_repo_id)
     config = Qwen3Config.from_json(model_dir / "config.json")
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device) or default_device()
     dtype = dtype or default_dtype(device)
     files = _weight_files(model_dir)
     with torch.device("meta"):

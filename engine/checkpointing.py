@@ -31,6 +31,8 @@ from tqdm import tqdm
 from .checkpoint import resolve_model_dir, write_model_files
 from .errors import EngineError
 from .fsio import atomic_dir, atomic_file, jsonl_lines
+from .outputs import claim
+from .settings import check_resume, content_hash
 from .lora import adapter_config_dict, load_adapter, read_adapter_config, write_adapter_files
 from .train_config import TrainConfig
 
@@ -72,6 +74,7 @@ def _test_fault(point: str, step: int) -> None:
 
 def save(directory: Path, model, optimizer, cfg: TrainConfig, step: int) -> None:
     """Write a checkpoint atomically; a failed write raises EngineError and changes nothing."""
+    claim(directory, "checkpoint")  # a user's own `final/` in --out is not replaced
     try:
         with atomic_dir(directory) as tmp:
             if cfg.full_finetune:
@@ -88,7 +91,8 @@ def save(directory: Path, model, optimizer, cfg: TrainConfig, step: int) -> None
             if torch.cuda.is_available():
                 rng["cuda"] = torch.cuda.get_rng_state()
             (tmp / "rng.safetensors").write_bytes(save_safetensors(rng))
-            (tmp / STATE).write_text(json.dumps({"step": step, "config": cfg.to_dict()}, indent=2) + "\n")
+            (tmp / STATE).write_text(json.dumps({"step": step, "config": cfg.to_dict(),
+                                                 "rollouts_sha256": content_hash(cfg.rollouts)}, indent=2) + "\n")
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
             (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": manifest}, indent=2) + "\n")
@@ -184,9 +188,10 @@ def restore(directory: Path, model, optimizer, cfg: TrainConfig) -> int:
     except (OSError, ValueError, RecursionError, KeyError, TypeError) as e:
         raise EngineError(f"unreadable trainer state ({e})", path=directory / STATE) from None
     for key in RESUME_INVARIANTS:
-        if saved.get(key) != cfg.to_dict().get(key):
+        if saved.get(key) != cfg.to_dict().get(key) and key not in cfg.allow_changes:
             raise EngineError(f"cannot resume: '{key}' was {saved.get(key)!r} in this run, now "
                               f"{cfg.to_dict().get(key)!r}", path=directory / STATE, field=key)
+    check_resume(state, cfg, directory / STATE)  # every other setting that changes the run, and the data
     if cfg.full_finetune:
         params = {n: p for n, p in model.named_parameters()}
         fresh = load_file(str(directory / "model.safetensors"))
@@ -253,7 +258,7 @@ class MetricsLog:
             raise EngineError(f"cannot write the metrics log ({e.strerror})", path=path) from None
 
     def _open(self, keep_until: int) -> None:
-        path = self.path
+        path = claim(self.path, "train-metrics")  # not someone else's file of that name
         kept = []
         if path.is_file():
             for _, line in jsonl_lines(path.read_text(encoding="utf-8", errors="replace")):

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
 
 from .errors import EngineError
+from .jsonread import read_json
 
 QWEN3_ARCHITECTURES = ("Qwen3ForCausalLM",)
 
@@ -48,6 +48,8 @@ class Qwen3Config:
         if not isinstance(d, dict):
             raise fail("expected a JSON object")
         archs = d.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise fail(f"expected a list of class names, got {str(archs)[:60]!r}", "architectures")
         model_type = d.get("model_type")
         if model_type != "qwen3" or (archs and not set(archs) & set(QWEN3_ARCHITECTURES)):
             raise fail(f"not a Qwen3 checkpoint: model_type={model_type!r}, architectures={archs!r} "
@@ -77,6 +79,17 @@ class Qwen3Config:
             v = kwargs.get(key)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise fail(f"expected a positive integer, got {v!r}", key)
+        def token_ids(v: Any) -> bool:
+            ids = v if isinstance(v, list) else [v]
+            return all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids)
+        for key, ok, expected in (("tie_word_embeddings", lambda v: isinstance(v, bool), "true or false"),
+                                  ("bos_token_id", lambda v: v is None or token_ids(v), "a token id or null"),
+                                  ("eos_token_id", lambda v: v is None or token_ids(v),
+                                   "a token id, a list of them or null"),
+                                  ("torch_dtype", lambda v: v is None or isinstance(v, str), "a dtype name or null"),
+                                  ("max_position_embeddings", lambda v: token_ids(v) and v > 0, "a positive integer")):
+            if key in kwargs and not ok(kwargs[key]):
+                raise fail(f"expected {expected}, got {str(kwargs[key])[:60]!r}", key)
         if kwargs["num_attention_heads"] % kwargs["num_key_value_heads"]:
             raise fail("num_attention_heads must be a multiple of num_key_value_heads", "num_key_value_heads")
         if kwargs["head_dim"] % 2:
@@ -96,12 +109,7 @@ class Qwen3Config:
         path = Path(path)
         if not path.is_file():
             raise EngineError("config.json not found", path=path)
-        try:
-            d = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EngineError(f"config.json is not valid JSON ({e})", path=path,
-                              line=getattr(e, "lineno", None)) from None
-        return cls.from_dict(d, source=path)
+        return cls.from_dict(read_json(path, "config.json"), source=path)
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.extra)

@@ -23,6 +23,8 @@ import torch
 
 from .errors import EngineError, is_finite_number
 from .fsio import JSON_WHITESPACE
+from .jsonread import check_line_size
+from .rollout_checks import ids_text_mismatch
 from .tokenizer import ChatTokenizer
 
 
@@ -40,6 +42,7 @@ class Rollout:
     completion_ids: list[int] | None = None   # the sampled ids, when the rollout writer kept them
     stop_id: int | None = None                 # the stop token a finished rollout ended on (None: <|im_end|>)
     enable_thinking: bool | None = None        # the chat template's switch at sampling time (None: not recorded)
+    group_is_int: bool = False                 # the file wrote the group as a number (1 is not "1")
 
 
 @dataclasses.dataclass
@@ -104,7 +107,8 @@ def _parse_line(raw: str, path: Path, line: int) -> Rollout:
     elif not _text(prompt) or not prompt:
         raise bad("expected a non-empty string or chat messages", "prompt")
     completion = obj["completion"]
-    if not _text(completion) or not completion.strip():
+    # "" with finished: an immediate stop, as engine.rollout writes it (the stop token is what trains).
+    if not _text(completion) or not completion.strip() and not (completion == "" and obj.get("finished", True) is True):
         raise bad("empty completion" if _text(completion) else "expected a (valid Unicode) string",
                   "completion")
     reward = obj["reward"]
@@ -134,6 +138,7 @@ def _parse_line(raw: str, path: Path, line: int) -> Rollout:
     if thinking is not None and not isinstance(thinking, bool):
         raise bad(f"expected true, false or null, got {_short(thinking)}", "enable_thinking")
     return Rollout(prompt=prompt, completion=completion, reward=float(reward), group=str(group), line=line,
+                   group_is_int=isinstance(group, int),
                    behavior_logps=[float(x) for x in blp] if blp is not None else None,
                    answer=obj.get("answer"), source=obj.get("source"), finished=finished,
                    completion_ids=cids, stop_id=stop_id, enable_thinking=thinking)
@@ -161,6 +166,7 @@ def read_rollouts(path: str | os.PathLike, on_bad: str = "fail") -> tuple[list[R
                                       line=line_no) from None
                 if not raw.strip(JSON_WHITESPACE):
                     continue
+                check_line_size(data, path, line_no)
                 rollouts.append(_parse_line(raw, path, line_no))
             except EngineError as e:
                 if on_bad == "fail":
@@ -196,12 +202,33 @@ def tokenize_rollouts(rollouts: Sequence[Rollout], tokenizer: ChatTokenizer, max
         thinking = r.enable_thinking if r.enable_thinking is not None else enable_thinking
         key = json.dumps([r.prompt, thinking], sort_keys=True)
         if key not in prompt_cache:
-            prompt_cache[key] = tokenizer.encode_chat(r.prompt, add_generation_prompt=True,
-                                                      enable_thinking=thinking)
+            try:
+                prompt_cache[key] = tokenizer.encode_chat(r.prompt, add_generation_prompt=True,
+                                                          enable_thinking=thinking)
+            except EngineError as e:  # a bad role or control-token text: this line, this field
+                e = EngineError(e.message, path=path, line=r.line, field="prompt")
+                if on_bad == "fail":
+                    raise e from None
+                skipped.add(e)
+                continue
         prompt_ids = prompt_cache[key]
+        if max(prompt_ids, default=0) >= (vocab_size or tokenizer.vocab_size):
+            bad_prompt = EngineError(f"prompt token id {max(prompt_ids)} outside the model's vocabulary "
+                                     f"({vocab_size or tokenizer.vocab_size}); the tokenizer is not the model's",
+                                     path=path, line=r.line, field="prompt")
+            if on_bad == "fail":
+                raise bad_prompt
+            skipped.add(bad_prompt)
+            continue
         # The sampled ids when kept: re-encoding the text can give another (canonical) tokenisation,
         # which would misalign behavior_logps and score tokens the policy never produced.
         sampled = r.completion_ids if r.completion_ids is not None else tokenizer.encode(r.completion)
+        mismatch = ids_text_mismatch(tokenizer, r, path)
+        if mismatch is not None:
+            if on_bad == "fail":
+                raise mismatch
+            skipped.add(mismatch)
+            continue
         stop = r.stop_id if r.stop_id is not None else tokenizer.im_end_id
         completion_ids = sampled + ([stop] if r.finished else [])
         if max(completion_ids, default=0) >= (vocab_size or tokenizer.vocab_size):
@@ -274,6 +301,9 @@ def plan_steps(units: Sequence[Sequence[int]], unit_sizes: Sequence[int], batch_
     the list of unit indices."""
     if not units:
         raise EngineError("nothing to train on (no groups / pairs)")
+    # A step never holds a unit twice: past the data's size it would (and a huge batch_size would never
+    # fill); such a step is the whole data once (the trainer says so).
+    batch_size = min(batch_size, sum(unit_sizes))
     plan, current, filled, epoch = [], [], 0, 0
     while len(plan) < steps:
         perm = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))

@@ -42,6 +42,7 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from .devices import resolve_device
 from .errors import EngineError, TrainingDiverged
 
 T = TypeVar("T")
@@ -105,7 +106,7 @@ def training_device(ctx: DistContext, requested: str | None) -> torch.device | N
     """The device this rank trains on: its own GPU under NCCL, else what the config asked for."""
     if ctx.enabled and ctx.device.type == "cuda":
         return ctx.device
-    return torch.device(requested) if requested else None
+    return resolve_device(requested) if requested else None
 
 
 # ---- work sharing ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from .checkpoint import save_model
 from .config import Qwen3Config
 from .fsio import jsonl_objects, write_json
+from .outputs import claim
 from .model import Qwen3ForCausalLM
 from .train_config import REPO_ROOT, load_config
 
@@ -51,6 +52,10 @@ def build(out: str | Path = REPO_ROOT / "embedded", *, seed: int = 0, pretrain_s
 
     out = Path(out)
     work = Path(work) if work else out.parent / "runs" / "build-embedded"
+    base, rollouts = out / "base", out / "rollouts.jsonl"
+    for path, kind in ((work, "embedded-work"), (base, "embedded-base"), (rollouts, "rollouts"),
+                       (out / "sft_train.jsonl", "sft-data"), (out / "BUILD.json", "build")):
+        claim(path, kind)  # every path this build replaces or deletes, refused up front unless it is ours
     if work.exists():
         shutil.rmtree(work)
     t0 = time.perf_counter()
@@ -65,7 +70,6 @@ def build(out: str | Path = REPO_ROOT / "embedded", *, seed: int = 0, pretrain_s
     echo(f"pretraining a tiny Qwen3 ({sum(p.numel() for p in cfg_model(init_dir).parameters()) / 1e6:.2f}M "
          f"parameters) for {cfg.steps} steps")
     final = train(cfg)
-    base = out / "base"
     if base.exists():
         shutil.rmtree(base)
     base.mkdir(parents=True)
@@ -76,7 +80,6 @@ def build(out: str | Path = REPO_ROOT / "embedded", *, seed: int = 0, pretrain_s
     pretrain_s = time.perf_counter() - t0
     acc = run_eval(str(base), task="synthetic", split="test", out=str(work / "eval"), max_new_tokens=160,
                    batch_size=64, style="plain", echo=echo)
-    rollouts = out / "rollouts.jsonl"
     if rollouts.exists():
         rollouts.unlink()
     run_rollout(str(base), task="synthetic", split="train", out=str(rollouts), k=K, limit=rollout_prompts,

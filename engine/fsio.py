@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import EngineError
+from .jsonread import check_line_size
 
 
 JSON_WHITESPACE = " \t\r\n"  # the only characters JSON allows between values
@@ -40,6 +41,7 @@ def jsonl_objects(path: str | os.PathLike, what: str) -> Iterator[tuple[int, dic
     except OSError as e:
         raise EngineError(f"cannot read the {what} ({e.strerror})", path=path) from None
     for number, line in jsonl_lines(text):
+        check_line_size(line, path, number)  # before parsing (and later tokenising) it
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:

@@ -108,10 +108,15 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
     (A Kaiming-uniform with a = sqrt(5), B zero) from `seed`, so every method starts identical."""
     if lora_modules(model):
         raise EngineError("model already has LoRA adapters")
+    targets = _targets(model, cfg.target_modules)
+    for name, linear in targets:  # checked before any allocation: an absurd rank fails here, not in torch
+        if cfg.r > min(linear.in_features, linear.out_features):
+            raise EngineError(f"LoRA rank {cfg.r} exceeds the smaller dimension "
+                              f"({min(linear.in_features, linear.out_features)}) of {name}", field="r")
     for p in model.parameters():
         p.requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
-    for name, linear in _targets(model, cfg.target_modules):
+    for name, linear in targets:
         module = LoRALinear(linear, cfg.r, cfg.scale, cfg.dropout)
         a = torch.empty(cfg.r, linear.in_features)
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
@@ -229,7 +234,10 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
         raise EngineError("adapter_model.safetensors not found (only safetensors adapters are read)",
                           path=adapter_dir)
     if not lora_modules(model):
-        apply_lora(model, cfg)
+        try:
+            apply_lora(model, cfg)
+        except EngineError as e:  # the rank or targets came from this file
+            raise EngineError(e.message, path=adapter_dir / "adapter_config.json", field=e.field) from None
     modules = lora_modules(model)
     seen = set()
     try:
@@ -243,6 +251,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
                 m = modules[module_name]
                 target = m.lora_A if kind == "A.weight" else m.lora_B
                 t = sf.get_tensor(key)
+                if not t.dtype.is_floating_point or not bool(torch.isfinite(t).all()):
+                    raise EngineError(f"tensor {key!r} holds NaN or infinite values (or is not floating-point): "
+                                      "a diverged or damaged adapter", path=weights)
                 if tuple(t.shape) != tuple(target.shape):
                     raise EngineError(f"tensor {key!r} has shape {list(t.shape)}, expected {list(target.shape)} "
                                       f"(different rank or base model?)", path=weights)

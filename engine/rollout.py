@@ -3,8 +3,9 @@
 Rollouts: K sampled completions per task item, graded, appended to a JSONL file in the trainer's format
 (one completion per line; see `engine.data`). The K lines of a group are written with one write and an
 fsync, so an interrupted run leaves whole groups plus at most one torn tail; a rerun truncates the tail and
-skips the groups already written. Sample j of item `id` draws from seed `sequence_seed(seed, id, j)`, so
-a resumed run writes exactly what an uninterrupted one would have.
+skips the groups already written. Only a file of this command's own records is resumed into: any other
+existing --out is refused untouched (`scan_rollout_file`, `engine.outputs`). Sample j of item `id` draws
+from seed `sequence_seed(seed, id, j)`, so a resumed run writes exactly what an uninterrupted one would have.
 
 Evaluation: greedy pass@1 (the protocol's evaluation), a per-item JSONL (id, completion, extracted
 answer, gold, correct) that the analysis pairs across runs for McNemar, and a summary with the accuracy
@@ -31,6 +32,7 @@ from . import distributed
 from .errors import EngineError
 from .fsio import atomic_file, write_json
 from .grading import extract_answer, grade
+from .outputs import ROLLOUT_KEYS, claim, claim_dir, torn_tail_ok
 from .sampler import Generation, SamplingParams, check_batch_size, check_context, generate, sequence_seed
 from .tasks import TaskItem, build_prompt, default_style, load_task
 from .tokenizer import ChatTokenizer
@@ -60,8 +62,13 @@ def load_for_generation(model_path: str | os.PathLike, adapter: str | os.PathLik
 def encode_prompts(tokenizer: ChatTokenizer, items: Sequence[TaskItem], style: str,
                    enable_thinking: bool | None) -> tuple[list[list[dict]], list[list[int]]]:
     messages = [build_prompt(item, style) for item in items]
-    texts = [tokenizer.apply_chat_template(m, add_generation_prompt=True, enable_thinking=enable_thinking)
-             for m in messages]
+    texts = []
+    for item, m in zip(items, messages):
+        try:
+            texts.append(tokenizer.apply_chat_template(m, add_generation_prompt=True, enable_thinking=enable_thinking))
+        except EngineError as e:  # name the task item the prompt came from: its file and line when known
+            path, line = item.where or (None, None)
+            raise EngineError(f"item {item.id!r}: {e.message}", path=path, line=line, field="question") from None
     return messages, tokenizer.encode_batch(texts)
 
 
@@ -96,31 +103,38 @@ class _Progress:
 
 # ---------------------------------------------------------------- rollouts
 def scan_rollout_file(path: Path, k: int, source: str) -> set[str]:
-    """Group ids fully written in `path`; truncates a torn tail (a partial line or an incomplete last
-    group). Raises EngineError for damage before the tail or a file from another task or K."""
-    if not path.exists():
+    """Group ids fully written in `path`; truncates a torn tail (an unterminated last line of this
+    writer's shape, or an incomplete last group). Anything that is not this command's own output (a
+    line that is not a rollout record, a file of another task or K) is refused, the file untouched:
+    a resume may only ever cut what an interrupted run of this command left."""
+    if not os.path.lexists(path):
         return set()
-    data = path.read_bytes()
+    if not path.is_file():
+        claim(path, "rollouts")  # raises: a directory (or device) where the rollouts file goes
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise EngineError(f"cannot read the rollouts file ({e.strerror})", path=path) from None
     done: set[str] = set()
     keep_end = 0                      # byte offset just after the last complete group
     group, count, offset, lineno = None, 0, 0, 0
-    bad: tuple[int, str] | None = None
     while offset < len(data):
         end = data.find(b"\n", offset)
         lineno += 1
-        if end < 0:                   # no newline: a torn last line
-            bad = bad or (lineno, "incomplete last line")
+        if end < 0:                   # no newline: a torn last line, if it is shaped like ours
+            if not torn_tail_ok(data[offset:]):
+                raise EngineError("unterminated last line is not a rollout record of this command; not "
+                                  "truncating (fix or move the file, or choose another --out)", path=path, line=lineno)
             break
         raw, offset = data[offset:end], end + 1
         try:
             obj = json.loads(raw)
+            if not isinstance(obj, dict) or not ROLLOUT_KEYS <= obj.keys():
+                raise TypeError
             gid, src = obj["group"], obj.get("source")
-        except (ValueError, KeyError, TypeError):
-            bad = bad or (lineno, "not a rollout record")
-            continue
-        if bad is not None:
-            raise EngineError(f"damaged line {bad[0]} ({bad[1]}) is followed by valid records; not "
-                              "truncating (fix or move the file)", path=path, line=bad[0])
+        except (ValueError, TypeError, RecursionError):
+            raise EngineError("not a rollout record written by this command; refusing to resume into or "
+                              "truncate this file (move it or choose another --out)", path=path, line=lineno) from None
         if src != source:
             raise EngineError(f"file holds rollouts of task {src!r}, not {source!r}", path=path, line=lineno,
                               field="source")
@@ -189,10 +203,15 @@ def rollout_items(model: torch.nn.Module, tokenizer: ChatTokenizer, items: Seque
             if f is not None:
                 f.flush()
                 os.fsync(f.fileno())
+    except OSError as e:  # full disk, read-only filesystem: whole groups stay, a torn tail resumes
+        raise EngineError(f"cannot write the rollouts file ({e.strerror})", path=out) from None
     finally:
-        if f is not None:
-            f.close()
         progress.close()
+        if f is not None:
+            try:
+                f.close()
+            except OSError as e:
+                raise EngineError(f"cannot write the rollouts file ({e.strerror})", path=out) from None
     tokens, seconds = _throughput(ctx, progress)
     return {"path": str(out), "groups_skipped": len(done), "groups_written": len(pending),
             "completions": len(rewards), "mean_reward": sum(rewards) / len(rewards) if rewards else None,
@@ -306,15 +325,25 @@ def summary_line(task: str, split: str, s: dict[str, Any]) -> str:
             f"95% CI [{lo:.4f}, {hi:.4f}] (Wilson), truncated {s['truncated']}")
 
 
+def eval_paths(out_dir: str | os.PathLike, task: str, split: str) -> tuple[Path, Path]:
+    """The per-item and summary paths under `out_dir`, refused unless absent or earlier eval output."""
+    out_dir = claim_dir(out_dir)
+    return (claim(out_dir / f"{task}_{split}.jsonl", "eval-items"),
+            claim(out_dir / f"{task}_{split}_summary.json", "eval-summary"))
+
+
 def write_eval(out_dir: str | os.PathLike, task: str, split: str, records: Sequence[dict],
                summary: dict[str, Any]) -> tuple[Path, Path]:
     """`<out>/<task>_<split>.jsonl` (per item) and `<out>/<task>_<split>_summary.json`, atomically."""
-    out_dir = Path(out_dir)
-    items_path, summary_path = out_dir / f"{task}_{split}.jsonl", out_dir / f"{task}_{split}_summary.json"
-    with atomic_file(items_path) as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    write_json(summary_path, summary)
+    items_path, summary_path = eval_paths(out_dir, task, split)
+    try:
+        with atomic_file(items_path) as f:
+            for r in records:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_json(summary_path, summary)
+    except OSError as e:  # each file is whole or absent (atomic); say which one could not be written
+        raise EngineError(f"cannot write the eval results ({e.strerror})",
+                          path=summary_path if items_path.is_file() else items_path) from None
     return items_path, summary_path
 
 
@@ -325,6 +354,8 @@ def run_rollout(model: str, *, task: str, split: str, out: str, k: int = 4, adap
                 device: str | None = None, tokenizer: str | None = None, threads: int | None = None,
                 echo: Callable[[str], None] = print) -> dict[str, Any]:
     ctx = distributed.setup(device)
+    if ctx.is_main and k >= 1:
+        scan_rollout_file(Path(out), k, task)  # an --out it may not resume into is refused before the work
     items = load_task(task, split, data_dir=data_dir, limit=limit)
     style = style or default_style(task)
     m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=_rank_device(ctx, device),
@@ -351,6 +382,8 @@ def run_eval(model: str, *, task: str, split: str, adapter: str | None = None, l
              tokenizer: str | None = None, threads: int | None = None,
              echo: Callable[[str], None] = print) -> dict[str, Any]:
     ctx = distributed.setup(device)
+    if out is not None:
+        eval_paths(out, task, split)  # before the work: an --out it may not replace is refused now
     items = load_task(task, split, data_dir=data_dir, limit=limit)
     style = style or default_style(task)
     m, tok = load_for_generation(model, adapter, tokenizer_path=tokenizer, device=_rank_device(ctx, device),

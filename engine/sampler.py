@@ -85,11 +85,14 @@ def check_batch_size(batch_size: int) -> None:
 def check_context(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
                   labels: Sequence[object] | None = None) -> None:
     """Raise EngineError for an empty prompt or one that leaves no room for a token in the context."""
-    ctx = model.config.max_position_embeddings
+    ctx, vocab = model.config.max_position_embeddings, model.config.vocab_size
     for i, p in enumerate(prompts):
         name = labels[i] if labels is not None else i
         if len(p) == 0:
             raise EngineError(f"prompt {name!r} is empty", field="prompt")
+        if max(p) >= vocab:  # the tokenizer does not belong to this model: the embedding has no such row
+            raise EngineError(f"prompt {name!r} has token id {max(p)}, outside the model's vocabulary "
+                              f"({vocab}); is --tokenizer the model's?", field="prompt")
         if len(p) >= ctx:
             raise EngineError(f"prompt {name!r} has {len(p)} tokens; the model's context "
                               f"(max_position_embeddings) is {ctx}", field="prompt")

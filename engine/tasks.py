@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +36,7 @@ class TaskItem:
     gold: str
     source: str
     solution: str | None = None
+    where: tuple[str, int] | None = dataclass_field(default=None, compare=False)  # data file and line
 
 
 TaskLoader = Callable[[str, Path], list[TaskItem]]  # (split, data_dir) -> items; raises EngineError
@@ -167,7 +168,7 @@ def _load_gsm8k(split: str, data_dir: Path) -> list[TaskItem]:
         if not _GSM8K_GOLD.fullmatch(gold):
             raise EngineError(f"expected a number after '####', got {gold!r:.40}", path=path, line=line,
                               field="answer")
-        items.append(TaskItem(f"gsm8k-{split}-{index}", question, gold, "gsm8k", answer))
+        items.append(TaskItem(f"gsm8k-{split}-{index}", question, gold, "gsm8k", answer, where=(str(path), line)))
     return items
 
 
@@ -183,7 +184,7 @@ def _aime_loader(year: int) -> TaskLoader:
                 raise EngineError(f"expected an integer answer, got {answer!r:.40}", path=path, line=line,
                                   field="answer")
             items.append(TaskItem(_field(rec, "id", path, line), _field(rec, "problem", path, line),
-                                  str(int(answer)), f"aime{year}"))
+                                  str(int(answer)), f"aime{year}", where=(str(path), line)))
         return _unique_ids(items, [line for line, _ in rows], path)
     return load
 
@@ -199,7 +200,7 @@ def _load_math500(split: str, data_dir: Path) -> list[TaskItem]:
     rows = _read_jsonl(path)
     items = [TaskItem(_field(rec, "unique_id", path, line), _field(rec, "problem", path, line),
                       _field(rec, "answer", path, line, allow_int=True).strip(), "math500",
-                      _field(rec, "solution", path, line)) for line, rec in rows]
+                      _field(rec, "solution", path, line), where=(str(path), line)) for line, rec in rows]
     return _unique_ids(items, [line for line, _ in rows], path)
 
 

@@ -7,7 +7,6 @@ as Qwen3's template renders them.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -15,6 +14,7 @@ from typing import Sequence
 from tokenizers import Tokenizer
 
 from .errors import EngineError
+from .jsonread import read_json_object
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK_OFF = "<think>\n\n</think>\n\n"
@@ -39,6 +39,8 @@ class ChatTokenizer:
         eos_id = vocab.get(eos if isinstance(eos, str) else eos.get("content"), self.im_end_id)
         self.stop_ids = tuple(dict.fromkeys([self.im_end_id, self.endoftext_id, eos_id]))
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        # Text of the special (control) tokens: in a message's content it would become the control token.
+        self.special_texts = tuple(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -68,6 +70,10 @@ class ChatTokenizer:
             if role not in ("system", "user", "assistant") or not isinstance(content, str):
                 raise EngineError(f"message {i}: expected role system/user/assistant and string content, "
                                   f"got role={role!r}", field="messages")
+            control = next((t for t in self.special_texts if t in content), None)
+            if control is not None:  # it would silently turn into a real turn boundary / control token
+                raise EngineError(f"message {i} ({role}): content holds the control-token text {control!r}",
+                                  field="messages")
             if role == "assistant":
                 reasoning = m.get("reasoning_content")
                 if not isinstance(reasoning, str):
@@ -102,9 +108,12 @@ def load_tokenizer(path: str | os.PathLike) -> ChatTokenizer:
         raise EngineError(f"cannot read tokenizer ({e})", path=tj) from None
     config: dict = {}
     tc = directory / "tokenizer_config.json"
-    if tc.is_file():
-        try:
-            config = json.loads(tc.read_text())
-        except json.JSONDecodeError as e:
-            raise EngineError(f"not valid JSON ({e})", path=tc, line=e.lineno) from None
+    if os.path.lexists(tc):
+        config = read_json_object(tc, "tokenizer_config.json")
+        for key in ("pad_token", "eos_token"):  # what ChatTokenizer reads: a token string or {"content": ...}
+            value = config.get(key)
+            if value is not None and not isinstance(value, str) and not (
+                    isinstance(value, dict) and isinstance(value.get("content"), str)):
+                raise EngineError(f"expected a token string or an object with string 'content', got "
+                                  f"{str(value)[:60]!r}", path=tc, field=key)
     return ChatTokenizer(tok, config, str(directory))

@@ -11,7 +11,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from .devices import resolve_device
 from .errors import EngineError
+from .settings import check_loss_names, record_origin, toml_lines
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EMBEDDED_MODEL = REPO_ROOT / "embedded" / "base"
@@ -55,6 +57,7 @@ class TrainConfig:
     device: str | None = None
     ref_cache: str | None = None    # where cached reference log-probs live (default: beside the output)
     fsdp: bool = False              # under torchrun: shard the frozen base with FSDP2 (LoRA stays replicated)
+    allow_changes: list[str] = dataclasses.field(default_factory=list)  # settings a --resume may change
 
     def lr_for(self, loss: str) -> float:
         return float(self.lr_per_loss.get(loss, self.lr))
@@ -92,7 +95,10 @@ _RULES: dict[str, tuple[Any, str]] = {
     "dtype": (lambda v: v is None or v in ("float32", "bfloat16", "float16"), "float32, bfloat16 or float16"),
     "model": (lambda v: v != "", "a non-empty path"), "rollouts": (lambda v: v != "", "a non-empty path"),
     "out": (lambda v: v != "", "a non-empty path"),
+    "allow_changes": (lambda v: all(k in _FIELDS or k == "rollouts_content" for k in v),
+                      "setting names (or rollouts_content)"),
 }
+_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -152,19 +158,10 @@ def _check(name: str, value: Any, hint: Any, fail) -> Any:
 def _key_line(text: str | None, key: str) -> int | None:
     """The line of a top-level key in TOML `text`: `key = ...`, `key.sub = ...` outside any table,
     or a `[key]` / `[key.sub]` table header. Best effort (None when not found)."""
-    if not text:
-        return None
-    in_table = False
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if stripped.startswith("["):
-            header = stripped.lstrip("[").split("]")[0].strip().strip('"').strip("'")
-            if header == key or header.startswith(key + "."):
-                return number
-            in_table = True
-            continue
-        head = stripped.split("=", 1)[0].strip().strip('"').strip("'")
-        if not in_table and "=" in stripped and (head == key or head.startswith(key + ".")):
+    for number, table, head in toml_lines(text):
+        if head is None and (table == key or table.startswith(key + ".")):
+            return number
+        if head is not None and table is None and (head == key or head.startswith(key + ".")):
             return number
     return None
 
@@ -181,6 +178,7 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], path: Path | None 
         if key not in fields:
             raise fail(f"unknown setting; valid: {', '.join(sorted(fields))}")
         setattr(cfg, key, _check(key, value, hints[key], fail))
+        record_origin(cfg, key, path, _key_line(text, key) if path is not None else None)
     return cfg
 
 
@@ -190,7 +188,7 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Trai
     Relative `model` / `rollouts` paths in a TOML file are resolved against the repository root when
     they exist there, so presets work from any working directory. Bad files or values raise
     EngineError naming the file, the line and the field."""
-    cfg = TrainConfig()
+    cfg, text = TrainConfig(), None
     if path is not None:
         path = Path(path)
         try:
@@ -219,4 +217,11 @@ def load_config(path: str | os.PathLike | None = None, **overrides: Any) -> Trai
                 values[key] = str(REPO_ROOT / value)
         apply_overrides(cfg, values, path, text)
     apply_overrides(cfg, {k: v for k, v in overrides.items() if v is not None})
+    check_loss_names(cfg, text)
+    try:  # the device that will be used, whichever of file or flag named it
+        resolve_device(cfg.device)
+    except EngineError as e:
+        flag = overrides.get("device") is not None
+        raise EngineError(e.message, path=None if flag else path, line=None if flag else _key_line(text, "device"),
+                          field="--device" if flag else "device") from None
     return cfg

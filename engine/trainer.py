@@ -31,6 +31,9 @@ from .frozen import compacts_by_default
 from .lora import LoRAConfig, apply_lora
 from .model import release_cpu_heap
 from .optim import AdamW, CosineSchedule
+from .outputs import claim
+from .rollout_checks import check_groups
+from .settings import setting_error
 from .tokenizer import load_tokenizer
 from .train_config import TrainConfig
 
@@ -111,8 +114,9 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model)
         max_ctx = self.model.config.max_position_embeddings
         if cfg.max_len > max_ctx:
-            raise EngineError(f"max_len {cfg.max_len} exceeds the model's context {max_ctx}", field="max_len")
+            raise setting_error(cfg, "max_len", f"max_len {cfg.max_len} exceeds the model's context {max_ctx}")
         rollouts, skipped = read_rollouts(cfg.rollouts, cfg.on_bad)
+        rollouts = check_groups(rollouts, Path(cfg.rollouts), cfg.on_bad, skipped)  # one prompt per group id
         self.examples = tokenize_rollouts(rollouts, self.tokenizer, cfg.max_len, path=cfg.rollouts,
                                           on_bad=cfg.on_bad, enable_thinking=cfg.enable_thinking, skipped=skipped,
                                           vocab_size=self.model.config.vocab_size)
@@ -136,13 +140,21 @@ class Trainer:
         counts = losses.rows_that_count(cfg.loss)
         self.counted = counts(torch.tensor([e.reward for e in self.examples])).tolist() if counts else None
         self.plan = plan_steps(self.units.rows, self.units.size, cfg.batch_size, cfg.steps, cfg.seed)
+        if cfg.batch_size > sum(self.units.size) and self.dist.is_main:
+            note = setting_error(cfg, "batch_size", f"{cfg.batch_size} exceeds the {sum(self.units.size)} examples "
+                                 "(DPO: pairs) in the data; each step uses all of them once")
+            tqdm.write(f"warning: {note}")
         if cfg.full_finetune:
             for p in self.model.parameters():
                 p.requires_grad_(True)
         else:
-            apply_lora(self.model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                                              target_modules=tuple(cfg.lora_targets), use_rslora=cfg.use_rslora),
-                       seed=cfg.seed)
+            try:
+                apply_lora(self.model, LoRAConfig(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                                                  target_modules=tuple(cfg.lora_targets), use_rslora=cfg.use_rslora),
+                           seed=cfg.seed)
+            except EngineError as e:  # LoRAConfig's names are not the config's: say what the user wrote
+                key = {"r": "lora_r", "target_modules": "lora_targets"}.get(e.field, e.field or "lora_r")
+                raise setting_error(cfg, key, e.message) from None
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         self.compacted_bytes = self.model.compacted_bytes()
         if self.fsdp:
@@ -218,7 +230,12 @@ class Trainer:
             inputs = LossInputs(logps=logps, mask=b.mask, rewards=b.rewards, group_ids=b.group_ids,
                                 ref_logps=b.ref_logps, behavior_logps=b.behavior_logps, pairs=pairs,
                                 num_tokens=max(normaliser, 1e-12))
-            loss, stats = loss_fn(inputs, **self.hparams)
+            try:
+                loss, stats = loss_fn(inputs, **self.hparams)
+            except EngineError as e:  # a hyperparameter's value: the file and line it was set on
+                if e.field not in self.hparams:
+                    raise
+                raise setting_error(self.cfg, f"loss_hparams.{self.cfg.loss}.{e.field}", e.message) from None
             if bad is None and not torch.isfinite(loss):
                 bad = (f"non-finite loss {float(loss.detach())} at step {step + 1} on rollout lines "
                        f"{[self.examples[i].line for i in b.rows]}")
@@ -321,6 +338,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     def acquire() -> None:
         lock.__enter__()
         ckpt.recover(Path(cfg.out))  # leftovers of a killed run; safe now that we hold the lock
+        claim(Path(cfg.out) / "final", "checkpoint")  # refused now, not after the training it would end
     try:
         distributed.on_main(ctx, acquire)
         return Trainer(cfg, resume=resume, progress=progress, dist=ctx).run()
