@@ -8,7 +8,6 @@ import functools
 import os
 import re
 import statistics
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -79,15 +78,16 @@ def summarize_base_alignment(ba: BaseAlignment) -> dict:
         largest, mean = a[..., -1], a.mean(-1)
         rot[side] = {"largest": {**_by_group(lambda of, lab, x=largest: _gmedian(x, of, lab), ba),
                                  "per_module": largest.tolist()},
-                     "mean": {**_by_group(lambda of, lab, x=mean: _gmedian(x, of, lab), ba), "per_module": mean.tolist()},
+                     "mean": {**_by_group(lambda of, lab, x=mean: _gmedian(x, of, lab), ba),
+                              "per_module": mean.tolist()},
                      "per_module_angles": a.tolist()}
     rel = (ba.sigma - ba.sigma0[None]) / ba.sigma0[None]                               # [R, M, k]
     drift = (ba.sigma - ba.sigma0[None]).norm(dim=-1) / ba.sigma0[None].norm(dim=-1)   # [R, M]
     counts = intruder_counts(ba.max_cos, ba.eps)                                      # [R, M, E]
     h = ba.eps.index(ba.epsilon)
     return {
-        "k": ba.k, "k_rank": ba.k_rank, "k_requested": ba.k_requested, "ks": list(ba.ks), "K": ba.K, "epsilon": ba.epsilon,
-        "epsilons": list(ba.eps), "unit": "degrees",
+        "k": ba.k, "k_rank": ba.k_rank, "k_requested": ba.k_requested, "ks": list(ba.ks), "K": ba.K,
+        "epsilon": ba.epsilon, "epsilons": list(ba.eps), "unit": "degrees",
         "norm_sq": {"per_module": ba.norm_sq.tolist()},
         "principal_overlap": overlap,
         "rotation": rot,
@@ -138,13 +138,10 @@ def by_loss(names: list[str], numbers: dict[str, list[float]]) -> dict:
 
 # ---- entry points for run_analysis and the CLI ------------------------------------------------------
 
-def _has_weights(base) -> bool:
-    return base is not None and Path(base).is_dir() and any(Path(base).glob("*.safetensors"))
-
-
 def base_alignment_section(aset, base: str | os.PathLike | None, out: str | os.PathLike, opts: dict | None, *,
                            device=None, progress: bool = True, echo: Callable[[str], None] = print) -> dict | None:
     """The section, or None when switched off or (by default) when `base` has no local weights."""
+    from .run import _has_weights
     o = {**DEFAULTS, **(opts or {})}
     for field in ("k", "top"):
         if isinstance(o[field], bool) or not isinstance(o[field], int) or o[field] < 1:
