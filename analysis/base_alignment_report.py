@@ -80,6 +80,7 @@ def principal_overlap_plot(metrics: dict, path: Path) -> Path:
     ax.plot(layers, expect, "k--", label="random expectation")
     ax.set(xlabel="layer", ylabel=f"|U0_k^T dW V0_k|^2 / |dW|^2, k={ba['k']}", yscale="log",
            title="Principal overlap with the base weights' top singular subspaces")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)

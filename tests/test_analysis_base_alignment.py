@@ -259,3 +259,21 @@ def test_run_analysis_reports_base_alignment(tmp_path):
     with pytest.raises(EngineError, match="base_alignment.epsilon"):
         run_analysis(dirs, base=tmp_path / "base", reference="seed-42/sft", out=tmp_path / "rep2",
                      function_space=False, progress=False, echo=lambda s: None, base_alignment={"epsilon": 2})
+
+
+def test_verdict_rule():
+    from analysis.verdicts import compare_lower, rl_off_principals
+
+    def st(mean, floor):
+        return {"mean": mean, "std": None, "min": None, "max": None, "noise_floor": floor}
+    by = lambda s, g, d: {"sft": {"x": s}, "grpo": {"x": g}, "dpo": {"x": d}}   # noqa: E731
+    assert compare_lower(by(st(5, .1), st(3, .2), st(2, .1)), "x", ["grpo", "dpo"], "sft")[0] == "held"
+    assert compare_lower(by(st(5, .1), st(3, .2), st(5.1, .3)), "x", ["grpo", "dpo"], "sft")[0] == "inconclusive"
+    assert compare_lower(by(st(5, .1), st(3, .2), st(6, .3)), "x", ["grpo", "dpo"], "sft")[0] == "not held"
+    assert compare_lower(by(st(5, None), st(3, None), st(2, None)), "x", ["grpo", "dpo"], "sft")[0] == "inconclusive"
+    ba = {"k": 16, "by_loss": {"sft": {"overlap_k16_over_random": st(5, .1)},
+                               "dpo": {"overlap_k16_over_random": st(2, .1)}}}
+    row = rl_off_principals({"base_alignment": ba})
+    assert row.verdict == "held" and "dpo 2.00" in row.ours
+    assert rl_off_principals({"base_alignment": {"k": 16, "by_loss": {"dpo": {}}}}) is None
+    assert rl_off_principals({"base_alignment": None}) is None
