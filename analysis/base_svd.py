@@ -8,13 +8,13 @@ and written only through safetensors (no pickle) and replaced atomically.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Iterable
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
 from engine.errors import EngineError
 from engine.fsio import atomic_file
@@ -42,17 +42,15 @@ def base_hash(files: Iterable[Path]) -> str:
     return h.hexdigest()
 
 
-def read_base_weights(files: list[Path], modules: list[str]) -> dict[str, torch.Tensor]:
-    """{module: W0 [out, in] float32} for `module + '.weight'` (protocol section 5 names), from whichever
-    shard holds it. A missing tensor is an EngineError naming it."""
+def weight_index(files: list[Path], modules: list[str]) -> dict[str, Path]:
+    """{module: the shard holding `module + '.weight'`} (protocol section 5 names). A missing tensor is an
+    EngineError naming it."""
     want = {m + ".weight": m for m in modules}
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, Path] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt", device="cpu") as sf:
-                for key in sf.keys():
-                    if key in want:
-                        out[want[key]] = sf.get_tensor(key).to(torch.float32)
+                out.update({want[key]: f for key in sf.keys() if key in want})
         except SafetensorError as e:
             raise EngineError(f"corrupt or truncated safetensors file ({e})", path=f) from None
     missing = [m for m in modules if m not in out]
@@ -62,11 +60,35 @@ def read_base_weights(files: list[Path], modules: list[str]) -> dict[str, torch.
     return out
 
 
+def read_weight(path: Path, module: str) -> torch.Tensor:
+    """W0 [out, in] as float32 (checkpoints ship bf16), read alone: one base weight in memory at a time."""
+    with safe_open(str(path), framework="pt", device="cpu") as sf:
+        return sf.get_tensor(module + ".weight").to(torch.float32)
+
+
 def svd_of(W: torch.Tensor, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """Thin float32 SVD of W [out, in] on `device` (default: CUDA when available) -> U, S, V on CPU."""
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     U, S, Vh = torch.linalg.svd(W.to(dev, torch.float32), full_matrices=False)
     return {"U": U.cpu().contiguous(), "S": S.cpu().contiguous(), "V": Vh.mT.cpu().contiguous()}
+
+
+def write_safetensors(f, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Stream float32 tensors to an open binary file in the safetensors layout (8-byte little-endian
+    header length, JSON header padded to 8 bytes, raw little-endian data), one tensor at a time, so the
+    cache is never held twice in memory (safetensors' own `save` builds the whole file as one bytes)."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        assert t.dtype == torch.float32, name
+        size = t.numel() * 4
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    f.write(len(blob).to_bytes(8, "little") + blob)
+    for t in tensors.values():
+        f.write(t.contiguous().numpy().tobytes())
 
 
 class BaseSVD:
@@ -109,11 +131,10 @@ def load_base_svd(base_dir: str | os.PathLike, modules: list[str], cache_dir: st
         if have:    # keep what is cached: the new file is a superset
             with safe_open(str(path), framework="pt", device="cpu") as sf:
                 tensors = {k: sf.get_tensor(k) for k in sf.keys()}
-        weights = read_base_weights(files, todo)
+        where = weight_index(files, todo)
         for m in tqdm(todo, desc="base SVD", unit="module", disable=not progress):
-            for part, t in svd_of(weights.pop(m), device).items():
+            for part, t in svd_of(read_weight(where[m], m), device).items():
                 tensors[f"{m}.{part}"] = t
-        blob = save(tensors, metadata={"base_sha256": key, "version": CACHE_VERSION, "dtype": "float32"})
         with atomic_file(path, "wb") as f:
-            f.write(blob)
+            write_safetensors(f, tensors, {"base_sha256": key, "version": CACHE_VERSION, "dtype": "float32"})
     return BaseSVD(path, key, modules)
