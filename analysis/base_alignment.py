@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from engine.errors import EngineError
+
 from .linalg import principal_angles
 
 EPS_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -193,8 +195,6 @@ def compute_base_alignment(aset, base_svd, *, k: int = 16, K: int = 10, epsilon:
                            progress: bool = True, tol: float = 1e-11) -> BaseAlignment:
     """Loop over modules (one base SVD in memory at a time), batched over runs."""
     from tqdm import tqdm
-
-    from engine.errors import EngineError
     shapes = {}
     for bk in aset.buckets:
         for i in bk.index.tolist():

@@ -143,11 +143,11 @@ def base_alignment_section(aset, base: str | os.PathLike | None, out: str | os.P
     """The section, or None when switched off or (by default) when `base` has no local weights."""
     from .run import _has_weights
     o = {**DEFAULTS, **(opts or {})}
-    for field in ("k", "top"):
-        if isinstance(o[field], bool) or not isinstance(o[field], int) or o[field] < 1:
-            raise EngineError(f"expected a positive integer, got {o[field]!r}", field=f"base_alignment.{field}")
-    if not 0 < float(o["epsilon"]) <= 1:
-        raise EngineError(f"expected 0 < epsilon <= 1, got {o['epsilon']!r}", field="base_alignment.epsilon")
+    for key, flag in (("k", "principal_k"), ("top", "intruder_top")):
+        if isinstance(o[key], bool) or not isinstance(o[key], int) or o[key] < 1:
+            raise EngineError(f"expected a positive integer, got {o[key]!r}", field=flag)
+    if isinstance(o["epsilon"], bool) or not isinstance(o["epsilon"], (int, float)) or not 0 < o["epsilon"] <= 1:
+        raise EngineError(f"expected a number 0 < epsilon <= 1, got {o['epsilon']!r}", field="intruder_epsilon")
     if o["enabled"] is False or (o["enabled"] is None and not _has_weights(base)):
         return None
     if not _has_weights(base):

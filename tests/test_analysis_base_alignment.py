@@ -256,9 +256,10 @@ def test_run_analysis_reports_base_alignment(tmp_path):
     assert "principal_overlap_per_layer.png" in m["plots"]
     assert (tmp_path / "rep" / "principal_overlap_per_layer.png").is_file()
     assert json.loads((tmp_path / "rep" / "metrics.json").read_text())["base_alignment"]["K"] == 4
-    with pytest.raises(EngineError, match="base_alignment.epsilon"):
-        run_analysis(dirs, base=tmp_path / "base", reference="seed-42/sft", out=tmp_path / "rep2",
-                     function_space=False, progress=False, echo=lambda s: None, base_alignment={"epsilon": 2})
+    for bad, field in (({"epsilon": 2}, "intruder_epsilon"), ({"k": 0}, "principal_k"), ({"top": 1.5}, "intruder_top")):
+        with pytest.raises(EngineError, match=f"field '{field}'"):
+            run_analysis(dirs, base=tmp_path / "base", reference="seed-42/sft", out=tmp_path / "rep2",
+                         function_space=False, progress=False, echo=lambda s: None, base_alignment=bad)
 
 
 def test_verdict_rule():
