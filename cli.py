@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from analysis.base_alignment_summary import cli_options as base_alignment_options
 from engine.errors import EngineError, TrainingDiverged
 
 
@@ -193,6 +194,7 @@ def eval_command(**flags) -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--device", default=None)
 @click.option("--data-dir", default=None, type=click.Path())
+@base_alignment_options
 def analyze(run_dirs, **flags) -> None:
     """Compare the weight updates of several runs (geometry, LMC, CKA) and their accuracies (McNemar)."""
     from analysis import run_analysis

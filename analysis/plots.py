@@ -123,4 +123,7 @@ def draw_all(metrics: dict, out_dir: str | os.PathLike) -> list[str]:
         written.append(lmc_curves(metrics, out_dir / "lmc.png"))
     if fs.get("cka"):
         written.append(cka_per_layer(metrics, out_dir / "cka_per_layer.png"))
+    if metrics.get("base_alignment"):
+        from .base_alignment_report import principal_overlap_plot
+        written.append(principal_overlap_plot(metrics, out_dir / "principal_overlap_per_layer.png"))
     return [p.name for p in written]

@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 import statistics
 
+from .base_alignment_report import render_base_alignment
+from .verdicts import render_verdicts
+
 # The study's headline numbers (protocol.md section 1), keyed by method pair (unordered).
 HEADLINE_COSINE = {("sft", "rft"): 0.977, ("sft", "rift"): 0.967, ("sft", "dft"): 0.57, ("sft", "grpo"): 0.74,
                    ("sft", "dpo"): 0.06}
@@ -80,6 +83,7 @@ def render(metrics: dict) -> str:
     lines += ["", f"{len(metrics['modules'])} adapted modules over {len(metrics['layers'])} layers; "
               f"schema: docs/analysis.md.", ""]
     lines += _headline(metrics)
+    lines += render_verdicts(metrics) + render_base_alignment(metrics)
 
     lines += ["## Cosine similarity of Delta W (all modules)", ""]
     lines += _table(["", *names], [[a, *[_f(c) for c in row]] for a, row in zip(names, geo["cosine"]["global"])])

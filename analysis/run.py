@@ -100,7 +100,7 @@ def run_analysis(run_dirs: Sequence[str | os.PathLike], base: str | os.PathLike 
                  lmc_pairs: str | Sequence[tuple[str, str]] = "reference", cka_mode: str = "mean",
                  batch_size: int = 8, device=None, dtype=None, data_dir=None, tokenizer=None,
                  enable_thinking: bool | None = None, plots: bool = True, progress: bool = True,
-                 echo: Callable[[str], None] = print) -> dict:
+                 echo: Callable[[str], None] = print, base_alignment: dict | None = None) -> dict:
     """Analyse N runs; write OUT/metrics.json, OUT/report.md and OUT/*.png. Returns the metrics dict.
 
     function_space: None runs LMC and CKA when `base` is a local model directory with weights,
@@ -141,6 +141,11 @@ def run_analysis(run_dirs: Sequence[str | os.PathLike], base: str | os.PathLike 
         # The base model's results, when evaluated beside the runs, join the accuracy table and McNemar.
         extra = ["base"] if (Path(eval_dir) / "base").is_dir() and "base" not in names else []
         metrics["evaluation"] = evaluation(eval_dir, extra + names)
+    from .base_alignment_summary import base_alignment_section
+    from .verdicts import verdict_rows
+    metrics["base_alignment"] = base_alignment_section(aset, base, out, base_alignment, device=device,
+                                                       progress=progress, echo=echo)
+    metrics["verdicts"] = verdict_rows(metrics)
     metrics = _clean(metrics)
     out = Path(out)
     metrics["plots"] = []
