@@ -9,7 +9,6 @@ import sys
 
 import click
 
-from analysis.base_alignment_summary import cli_options as base_alignment_options
 from engine.errors import EngineError, TrainingDiverged
 
 
@@ -194,10 +193,22 @@ def eval_command(**flags) -> None:
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--device", default=None)
 @click.option("--data-dir", default=None, type=click.Path())
-@base_alignment_options
+# Base alignment (analysis/base_alignment*.py); defaults as analysis.base_alignment_summary.DEFAULTS, written
+# out here so that the CLI does not import torch before a command runs.
+@click.option("--base-alignment/--no-base-alignment", "ba_enabled", default=None,
+              help="Principal overlap, rotation, spectrum drift, intruders against the base weights "
+              "(default: when --base has weights).")
+@click.option("--principal-k", "ba_k", type=int, default=16, show_default=True,
+              help="Top-k base singular subspaces (also computed at k = r); capped below min(out, in).")
+@click.option("--intruder-top", "ba_top", type=int, default=10, show_default=True,
+              help="Top-K singular vectors of W0 + Delta W checked for intruders.")
+@click.option("--intruder-epsilon", "ba_epsilon", type=float, default=0.5, show_default=True,
+              help="Cosine threshold: max |cos| with every base singular vector below it = intruder.")
 def analyze(run_dirs, **flags) -> None:
-    """Compare the weight updates of several runs (geometry, LMC, CKA) and their accuracies (McNemar)."""
+    """Compare the weight updates of several runs (geometry, LMC, CKA, base alignment) and their
+    accuracies (McNemar)."""
     from analysis import run_analysis
+    flags["base_alignment"] = {key[3:]: flags.pop(key) for key in list(flags) if key.startswith("ba_")}
     run_analysis(list(run_dirs), echo=click.echo, **flags)
     click.echo(f"report: {flags['out']}/report.md")
 

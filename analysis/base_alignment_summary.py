@@ -4,7 +4,6 @@ docs/analysis.md).
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 import statistics
@@ -161,26 +160,3 @@ def base_alignment_section(aset, base: str | os.PathLike | None, out: str | os.P
     section = summarize_base_alignment(ba)
     section["cache"] = {"path": str(svd.path), "base_sha256": svd.key}
     return section
-
-
-def cli_options(f):
-    """click options for `analyze`, bundled into one `base_alignment` dict argument."""
-    import click
-
-    @functools.wraps(f)
-    def wrapper(*args, **kw):
-        kw["base_alignment"] = {key[3:]: kw.pop(key) for key in list(kw) if key.startswith("ba_")}
-        return f(*args, **kw)
-    for option in reversed([
-        click.option("--base-alignment/--no-base-alignment", "ba_enabled", default=None,
-                     help="Principal overlap, rotation, spectrum drift, intruders against the base weights "
-                     "(default: when --base has weights)."),
-        click.option("--principal-k", "ba_k", type=int, default=DEFAULTS["k"], show_default=True,
-                     help="Top-k base singular subspaces (also computed at k = r); capped below min(out, in)."),
-        click.option("--intruder-top", "ba_top", type=int, default=DEFAULTS["top"], show_default=True,
-                     help="Top-K singular vectors of W0 + Delta W checked for intruders."),
-        click.option("--intruder-epsilon", "ba_epsilon", type=float, default=DEFAULTS["epsilon"], show_default=True,
-                     help="Cosine threshold: max |cos| with every base singular vector below it = intruder."),
-    ]):
-        wrapper = option(wrapper)
-    return wrapper

@@ -278,3 +278,11 @@ def test_verdict_rule():
     assert row.verdict == "held" and "dpo 2.00" in row.ours
     assert rl_off_principals({"base_alignment": {"k": 16, "by_loss": {"dpo": {}}}}) is None
     assert rl_off_principals({"base_alignment": None}) is None
+
+
+def test_cli_defaults_match_the_module_defaults():
+    """cli.py writes the analyze options out (no torch import at start-up): they must agree with DEFAULTS."""
+    from cli import analyze
+    from analysis.base_alignment_summary import DEFAULTS
+    opts = {p.name: p.default for p in analyze.params}
+    assert {k: opts[f"ba_{k}"] for k in DEFAULTS} == DEFAULTS
