@@ -173,7 +173,8 @@ def eval_command(**flags) -> None:
 @click.option("--eval-dir", default=None, type=click.Path(), help="EVAL_DIR/<run>/<task>_<split>.jsonl for McNemar.")
 @click.option("--out", default="reports/analysis", show_default=True, type=click.Path())
 @click.option("--checkpoint", default="final", show_default=True, help="Which checkpoint of each run (e.g. step-1000).")
-@click.option("--k", type=int, default=10, show_default=True, help="Top-k singular subspaces for principal angles.")
+@click.option("--k", type=int, default=None,
+              help="Top-k singular subspaces for principal angles, below the rank (default: the study's k/r = 10/32).")
 @click.option("--function-space/--no-function-space", default=None,
               help="LMC and CKA (default: when --base has weights).")
 @click.option("--task", default="gsm8k", show_default=True, help="Items for LMC and CKA.")
@@ -182,6 +183,9 @@ def eval_command(**flags) -> None:
 @click.option("--n-items", type=int, default=100, show_default=True)
 @click.option("--lmc-points", type=int, default=11, show_default=True)
 @click.option("--lmc-pairs", type=click.Choice(["reference", "all"]), default="reference", show_default=True)
+@click.option("--path-accuracy/--no-path-accuracy", default=True, show_default=True,
+              help="Greedy accuracy at alpha = 0, 1/2, 1 of every LMC path (generates on the LMC items).")
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True, help="Per answer, for path accuracy.")
 @click.option("--cka-mode", type=click.Choice(["mean", "tokens"]), default="mean", show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--device", default=None)
@@ -189,7 +193,8 @@ def eval_command(**flags) -> None:
 def analyze(run_dirs, **flags) -> None:
     """Compare the weight updates of several runs (geometry, LMC, CKA) and their accuracies (McNemar)."""
     from analysis import run_analysis
-    run_analysis(list(run_dirs), echo=click.echo, **flags)
+    alphas = (0.0, 0.5, 1.0) if flags.pop("path_accuracy") else ()
+    run_analysis(list(run_dirs), echo=click.echo, path_accuracy_alphas=alphas, **flags)
     click.echo(f"report: {flags['out']}/report.md")
 
 

@@ -55,7 +55,7 @@ def run_study(out: str | Path = "runs/demo", *, config: str | Path = REPO_ROOT /
         report = out / f"report-seed-{seed}" if len(seeds) > 1 else out / "report"
         run_analysis(runs, base=base, reference="sft" if "sft" in loss_names else loss_names[0],
                      eval_dir=eval_dir / f"seed-{seed}", out=report, task=task, split=split, style=style,
-                     function_space=function_space, n_items=n_items, echo=echo)
+                     function_space=function_space, n_items=n_items, max_new_tokens=max_new_tokens, echo=echo)
         reports.append(report)
     if len(seeds) > 1:
         from analysis.seeds import write_seed_summary
