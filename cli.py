@@ -200,17 +200,22 @@ def analyze(run_dirs, **flags) -> None:
 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path())
-@click.option("--seeds", default="42", show_default=True, help="Comma-separated seeds (several show spread).")
-@click.option("--losses", "loss_names", default=None, help="Comma-separated subset of the six losses.")
+@click.option("--seeds", default="42,43", show_default=True,
+              help="Comma-separated seeds: the spread over seeds and the same-loss noise floor need two or more.")
+@click.option("--losses", "loss_names", default=None,
+              help="Comma-separated subset of the six losses (dpo brings dpo_lr_matched with it).")
 @click.option("--steps", type=int, default=None, help="Override the preset's training steps.")
 @click.option("--eval-limit", type=int, default=None, help="Evaluate on the first N test items only.")
 @click.option("--config", "config_path", type=click.Path(), default=None, help="Default configs/cpu.toml.")
-def demo(out, seeds, loss_names, steps, eval_limit, config_path) -> None:
-    """The whole study on the embedded tiny Qwen3: six trainings, evaluation, analysis report."""
+@click.option("--workers", type=int, default=None, help="Processes the seeds run in (default: one per core).")
+def demo(out, seeds, loss_names, steps, eval_limit, config_path, workers) -> None:
+    """The whole study on the embedded tiny Qwen3: seven runs per seed (the six losses and DPO at their
+    learning rate), evaluation and analysis of the two-thirds checkpoint, the summary over seeds."""
     from engine.study import run_study
     kwargs = {"config": config_path} if config_path else {}
     report = run_study(out, seeds=[int(s) for s in seeds.split(",")], steps=steps, eval_limit=eval_limit,
-                       loss_names=loss_names.split(",") if loss_names else None, echo=click.echo, **kwargs)
+                       loss_names=loss_names.split(",") if loss_names else None, workers=workers,
+                       echo=click.echo, **kwargs)
     click.echo(f"report: {report / 'report.md'}")
 
 

@@ -152,7 +152,7 @@ def run_analysis(run_dirs: Sequence[str | os.PathLike], base: str | os.PathLike 
                   "use_rslora": r.use_rslora, "scale": r.scale, "base_model": r.base_model,
                   "target_modules": list(r.target_modules)} for r in aset.runs],
         "base": None if base is None else str(base),
-        "reference": names[ref],
+        "reference": names[ref], "checkpoint": checkpoint,
         "modules": aset.modules, "layers": sorted(set(aset.layer_of)), "module_types": list(dict.fromkeys(aset.type_of)),
         "pairs": [[names[i], names[j]] for i, j in geo.pairs],
         "geometry": summarize(geo),
