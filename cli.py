@@ -180,7 +180,8 @@ def eval_command(**flags) -> None:
 @click.option("--eval-dir", default=None, type=click.Path(), help="EVAL_DIR/<run>/<task>_<split>.jsonl for McNemar.")
 @click.option("--out", default="reports/analysis", show_default=True, type=click.Path())
 @click.option("--checkpoint", default="final", show_default=True, help="Which checkpoint of each run (e.g. step-1000).")
-@click.option("--k", type=int, default=10, show_default=True, help="Top-k singular subspaces for principal angles.")
+@click.option("--k", type=int, default=None,
+              help="Top-k singular subspaces for principal angles, below the rank (default: the study's k/r = 10/32).")
 @click.option("--function-space/--no-function-space", default=None,
               help="LMC and CKA (default: when --base has weights).")
 @click.option("--task", default="gsm8k", show_default=True, help="Items for LMC and CKA.")
@@ -189,6 +190,9 @@ def eval_command(**flags) -> None:
 @click.option("--n-items", type=int, default=100, show_default=True)
 @click.option("--lmc-points", type=int, default=11, show_default=True)
 @click.option("--lmc-pairs", type=click.Choice(["reference", "all"]), default="reference", show_default=True)
+@click.option("--path-accuracy/--no-path-accuracy", default=True, show_default=True,
+              help="Greedy accuracy at alpha = 0, 1/2, 1 of every LMC path (generates on the LMC items).")
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True, help="Per answer, for path accuracy.")
 @click.option("--cka-mode", type=click.Choice(["mean", "tokens"]), default="mean", show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--device", default=None)
@@ -209,23 +213,29 @@ def analyze(run_dirs, **flags) -> None:
     accuracies (McNemar)."""
     from analysis import run_analysis
     flags["base_alignment"] = {key[3:]: flags.pop(key) for key in list(flags) if key.startswith("ba_")}
-    run_analysis(list(run_dirs), echo=click.echo, **flags)
+    alphas = (0.0, 0.5, 1.0) if flags.pop("path_accuracy") else ()
+    run_analysis(list(run_dirs), echo=click.echo, path_accuracy_alphas=alphas, **flags)
     click.echo(f"report: {flags['out']}/report.md")
 
 
 @main.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path())
-@click.option("--seeds", default="42", show_default=True, help="Comma-separated seeds (several show spread).")
-@click.option("--losses", "loss_names", default=None, help="Comma-separated subset of the six losses.")
+@click.option("--seeds", default="42,43", show_default=True,
+              help="Comma-separated seeds: the spread over seeds and the same-loss noise floor need two or more.")
+@click.option("--losses", "loss_names", default=None,
+              help="Comma-separated subset of the six losses (dpo brings dpo_lr_matched with it).")
 @click.option("--steps", type=int, default=None, help="Override the preset's training steps.")
 @click.option("--eval-limit", type=int, default=None, help="Evaluate on the first N test items only.")
 @click.option("--config", "config_path", type=click.Path(), default=None, help="Default configs/cpu.toml.")
-def demo(out, seeds, loss_names, steps, eval_limit, config_path) -> None:
-    """The whole study on the embedded tiny Qwen3: six trainings, evaluation, analysis report."""
+@click.option("--workers", type=int, default=None, help="Processes the seeds run in (default: one per core).")
+def demo(out, seeds, loss_names, steps, eval_limit, config_path, workers) -> None:
+    """The whole study on the embedded tiny Qwen3: seven runs per seed (the six losses and DPO at their
+    learning rate), evaluation and analysis of the two-thirds checkpoint, the summary over seeds."""
     from engine.study import run_study
     kwargs = {"config": config_path} if config_path else {}
     report = run_study(out, seeds=_seed_list(seeds), steps=steps, eval_limit=eval_limit,
-                       loss_names=loss_names.split(",") if loss_names else None, echo=click.echo, **kwargs)
+                       loss_names=loss_names.split(",") if loss_names else None, workers=workers,
+                       echo=click.echo, **kwargs)
     click.echo(f"report: {report / 'report.md'}")
 
 

@@ -30,6 +30,36 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _path_accuracy(acc: dict | None) -> str:
+    """'0.41 / 0.38 / 0.44' at alpha = 0, 1/2, 1 (whichever were measured), 'n/a' when none were."""
+    if not acc:
+        return "n/a"
+    return " / ".join(_f(a, 2) for a in acc["accuracy"])
+
+
+def _angle_controls(geo: dict, names: list[str]) -> list[str]:
+    """The two controls beside the principal angles: random subspaces of the same size and dimension, and
+    each run's right subspace against its (shared, seeded) initial A."""
+    pa, lines = geo["principal_angles"], []
+    if pa.get("random"):
+        rnd = pa["random"]
+        lines += ["", f"Random floor: two independent random top-{pa['k']} subspaces of each module's dimension give "
+                  f"a median smallest / {pa['k']}-th angle of {_f(rnd['left']['smallest'], 1)} / "
+                  f"{_f(rnd['left']['kth'], 1)} deg on the left (output) side and {_f(rnd['right']['smallest'], 1)} / "
+                  f"{_f(rnd['right']['kth'], 1)} deg on the right (input) side ({rnd['left']['trials']} draws)."]
+    init = geo.get("init_alignment")
+    if init and any(init["runs"]):
+        lines += ["", f"Right subspace vs the initial A (every run of a seed starts from the same A; small angles "
+                  f"here mean the right-side angles between runs reflect the shared init, not the losses). Random "
+                  f"{init['k']}- vs {init['r']}-dimensional subspaces: {_f(init['random']['smallest'], 1)} / "
+                  f"{_f(init['random']['kth'], 1)} deg.", ""]
+        lines += _table(["run", "seed", "smallest", f"{init['k']}-th"],
+                        [[n, str(r["seed"]), f"{_f(r['smallest']['median'], 1)} [{_f(r['smallest']['q25'], 1)}, "
+                          f"{_f(r['smallest']['q75'], 1)}]", f"{_f(r['kth']['median'], 1)} [{_f(r['kth']['q25'], 1)}, "
+                          f"{_f(r['kth']['q75'], 1)}]"] for n, r in zip(names, init["runs"]) if r])
+    return lines
+
+
 def method_of(name: str) -> str:
     """'sft', 'runs/sft/step-1000' -> 'sft': the first path component, lower-cased."""
     return name.split("/")[0].lower()
@@ -106,6 +136,7 @@ def render(metrics: dict) -> str:
                         [[f"{a}-{b}", cell("left", "smallest", k), cell("left", "kth", k), cell("right", "smallest", k),
                           cell("right", "kth", k), _f(geo["alignment"]["u1"]["median"][k]),
                           _f(geo["alignment"]["v1"]["median"][k])] for k, (a, b) in enumerate(pairs)])
+        lines += _angle_controls(geo, names)
 
     lines += ["", "## Norms and effective ranks", ""]
     norms = geo["norms"]
@@ -141,13 +172,16 @@ def render(metrics: dict) -> str:
                   f"{fs['style']})", ""]
         if fs.get("lmc"):
             lines += ["Linear mode connectivity, W(alpha) = W0 + alpha Delta_a + (1 - alpha) Delta_b; loss = mean "
-                      "token cross-entropy of the gold answer after the prompt.", ""]
-            lines += _table(["a", "b", "L(b)", "L(mid)", "L(a)", "barrier max - mean ends", "midpoint barrier",
-                             "barrier above line"],
+                      "token cross-entropy (nats/token), teacher-forced, of the gold worked solution and the stop "
+                      "token after the prompt (the format the model writes). Barrier = the largest height of the "
+                      "curve above the straight line between its endpoints (0 when the path is convex). "
+                      "Accuracy = greedy pass@1 on the same items at b, the midpoint and a.", ""]
+            lines += _table(["a", "b", "L(b)", "L(mid)", "L(a)", "barrier above line", "midpoint - mean ends",
+                             "acc b / mid / a"],
                             [[c["a"], c["b"], _f(c["loss"][c["alphas"].index(0.0)], 4),
                               _f(c["loss"][c["alphas"].index(0.5)], 4) if 0.5 in c["alphas"] else "n/a",
-                              _f(c["loss"][c["alphas"].index(1.0)], 4), _f(c["barrier_max"], 4),
-                              _f(c["barrier_midpoint"], 4), _f(c["barrier_line"], 4)] for c in fs["lmc"]])
+                              _f(c["loss"][c["alphas"].index(1.0)], 4), _f(c["barrier"], 4),
+                              _f(c["barrier_midpoint"], 4), _path_accuracy(c.get("accuracy"))] for c in fs["lmc"]])
             lines += [""]
         if fs.get("cka"):
             cka = fs["cka"]

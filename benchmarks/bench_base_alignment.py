@@ -29,11 +29,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def default_config() -> Path:
-    for p in (REPO / "data" / "qwen3-configs" / "Qwen3-0.6B.json",
-              REPO.parent / "shared" / "data" / "qwen3-configs" / "Qwen3-0.6B.json"):
-        if p.is_file():
-            return p
-    raise SystemExit("no Qwen3 config found: pass --model-config")
+    """The repository's copy of the Qwen3-0.6B shape (data/SOURCES.md)."""
+    return REPO / "data" / "qwen3-configs" / "Qwen3-0.6B.json"
 
 
 def shapes(cfg: dict) -> dict[str, tuple[int, int]]:

@@ -103,6 +103,19 @@ def _targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[tuple[st
             if isinstance(m, nn.Linear) and n.rpartition(".")[2] in target_modules and n != "lm_head"]
 
 
+def initial_lora_a(in_features: list[int], r: int, seed: int) -> list[torch.Tensor]:
+    """The A factors `apply_lora` starts from, one per target module in model order (in_features[i] is
+    module i's input size): one generator seeded with `seed`, Kaiming-uniform with a = sqrt(5) as PEFT,
+    [r, in] float32 each. The analysis regenerates a run's initial A from its seed with this."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for n in in_features:
+        a = torch.empty(r, n)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        out.append(a)
+    return out
+
+
 def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
     """Freeze the model and wrap every target linear in a LoRALinear, initialised as PEFT does
     (A Kaiming-uniform with a = sqrt(5), B zero) from `seed`, so every method starts identical."""
@@ -115,11 +128,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, seed: int = 0) -> nn.Module:
                               f"({min(linear.in_features, linear.out_features)}) of {name}", field="r")
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
-    for name, linear in targets:
+    for (name, linear), a in zip(targets, initial_lora_a([lin.in_features for _, lin in targets], cfg.r, seed)):
         module = LoRALinear(linear, cfg.r, cfg.scale, cfg.dropout)
-        a = torch.empty(cfg.r, linear.in_features)
-        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
         with torch.no_grad():
             module.lora_A.copy_(a)
         parent, _, attr = name.rpartition(".")

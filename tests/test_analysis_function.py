@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import analysis
 from analysis.adapters import load_adapters
-from analysis.function_space import DeltaSetter, answer_batches, answer_loss, layer_cka, lmc_curve, prompt_batches
+from analysis.function_space import (DeltaSetter, PathAccuracy, layer_cka, lmc_curve, prompt_batches, scored_loss,
+                                     solution_batches)
 from engine import load_model, load_tokenizer
 from engine.errors import EngineError
 from engine.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
@@ -19,8 +20,8 @@ from engine.tasks import TaskItem
 from helpers import tiny_model_dir
 from test_analysis_helpers import write_adapter
 
-ITEMS = [TaskItem(f"t{i}", f"What is {a} + {b}?", str(a + b), "test") for i, (a, b) in
-         enumerate([(3, 17), (12, 42), (7, 3), (51, 17), (29, 42)])]
+ITEMS = [TaskItem(f"t{i}", f"What is {a} + {b}?", str(a + b), "test", f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}")
+         for i, (a, b) in enumerate([(3, 17), (12, 42), (7, 3), (51, 17), (29, 42)])]
 
 
 
@@ -61,10 +62,14 @@ def test_lmc_matches_direct_weight_merge(setup):
     base, runs = setup
     aset = load_adapters(runs, base)
     tok = load_tokenizer(base)
-    batches = answer_batches(tok, ITEMS, style="gsm8k", batch_size=2)
-    # The score mask covers exactly the answer tokens '#### <sum>' right after the prompt.
+    batches = solution_batches(tok, ITEMS, style="gsm8k", batch_size=2)
+    # The score mask covers exactly the worked solution and the stop token after the prompt.
     ids, _, score = batches[0]
-    assert tok.decode(ids[0][score[0]].tolist()) == "#### 20"
+    assert tok.decode(ids[0][score[0]].tolist(), skip_special_tokens=False) == "3 + 17 = <<3+17=20>>20\n#### 20<|im_end|>"
+    scored = ids[0][score[0]]
+    assert scored[-1] == tok.im_end_id and bool((scored[:-1] != tok.im_end_id).all())
+    with pytest.raises(EngineError, match="1 of 2 items have none.*'bare'"):
+        solution_batches(tok, [ITEMS[0], TaskItem("bare", "q?", "1", "test")])
     model = load_model(base, device="cpu")
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     setter = DeltaSetter(model, aset)
@@ -84,15 +89,15 @@ def test_lmc_matches_direct_weight_merge(setup):
     assert curve["loss"][1] == pytest.approx(_reference_loss(direct, batches), rel=1e-5)
     # Barriers from the curve's own numbers.
     L = curve["loss"]
-    assert curve["barrier_max"] == pytest.approx(max(L) - (L[0] + L[3]) / 2)
+    assert curve["barrier_mean_ends"] == pytest.approx(max(L) - (L[0] + L[3]) / 2)
     assert curve["barrier_midpoint"] == pytest.approx(L[2] - (L[0] + L[3]) / 2)
-    assert curve["barrier_line"] == pytest.approx(max(lo - ((1 - a) * L[0] + a * L[3]) for a, lo in zip(curve["alphas"], L)))
+    assert curve["barrier"] == pytest.approx(max(lo - ((1 - a) * L[0] + a * L[3]) for a, lo in zip(curve["alphas"], L)))
     # In place on one model: the base weights never changed, and a point recomputes identically.
     for n, p in model.named_parameters():
         if not n.endswith(("lora_A", "lora_B")):
             assert torch.equal(p, w0[n]), n
     setter.set([0.0, 0.3, 0.7])
-    assert answer_loss(model, batches) == curve["loss"][1]
+    assert scored_loss(model, batches) == curve["loss"][1]
     with pytest.raises(ValueError, match="include 0 and 1"):
         lmc_curve(setter, 0, 1, batches, [0.0, 0.5])
 
@@ -142,15 +147,22 @@ def test_run_analysis_end_to_end(setup, tmp_path):
     out = tmp_path / "report"
     metrics = analysis.run_analysis(runs, base=base, reference="run1", eval_dir=tmp_path / "ev", out=out, k=3,
                                     task="synthetic", n_items=4, lmc_points=3, batch_size=2, cka_mode="mean",
-                                    progress=False, echo=lambda s: None)
+                                    max_new_tokens=6, progress=False, echo=lambda s: None)
     strict = json.loads((out / "metrics.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
     assert strict["reference"] == "run1" and strict["pairs"] == [["run0", "run1"], ["run0", "run2"], ["run1", "run2"]]
     fs = strict["function_space"]
     assert [(c["a"], c["b"]) for c in fs["lmc"]] == [("run0", "run1"), ("run2", "run1")]
     assert fs["lmc"][0]["alphas"] == [0.0, 0.5, 1.0] and fs["n_items"] == 4 and fs["style"] == "plain"
     assert len(fs["cka"]["per_layer"]) == 3 and len(fs["cka"]["per_layer"][0]) == 2
+    for c in fs["lmc"]:
+        assert c["accuracy"]["alphas"] == [0.0, 0.5, 1.0] and c["accuracy"]["n"] == 4
+        assert c["barrier"] >= 0.0                       # alpha = 0 and 1 lie on the chord themselves
     assert set(strict["evaluation"]["synthetic_test"]["accuracy"]) == {"run0", "run1", "run2"}
+    pa = strict["geometry"]["principal_angles"]
+    assert 0 < pa["random"]["left"]["smallest"] <= pa["random"]["left"]["kth"] <= 90
+    assert strict["geometry"]["init_alignment"]["runs"] == [None] * 3      # adapters saved without a trainer state
     report = (out / "report.md").read_text()
+    assert "Random floor:" in report and "gold worked solution" in report
     for heading in ("Cosine similarity", "Principal angles", "Norms and effective ranks", "Linear mode connectivity",
                     "Per-layer CKA", "Accuracy: synthetic_test", "McNemar"):
         assert heading in report
@@ -202,3 +214,61 @@ def test_report_sets_headline_numbers_beside_the_study(tmp_path):
     assert f"| median smallest left angle sft-dpo (deg) | 54.6 | {angle:.1f} |" in report
     frac = m["geometry"]["orthogonal_fraction"]["vector"]["global"][2]
     assert f"| orthogonal fraction grpo vs sft (global) | 0.67 | {frac:.3f} |" in report
+
+
+def test_path_accuracy_is_the_eval_of_the_merged_midpoint(setup):
+    """Greedy completions at alpha = 1/2 equal `evaluate_items` on W0 + Delta_1/2 + Delta_2/2 merged into the
+    weights by hand; each coefficient vector is generated once, however many pairs share it."""
+    from engine.rollout import evaluate_items
+    base, runs = setup
+    aset = load_adapters(runs, base)
+    tok = load_tokenizer(base)
+    setter = DeltaSetter(load_model(base, device="cpu"), aset)
+    acc = PathAccuracy(setter, tok, ITEMS, style="plain", enable_thinking=None, max_new_tokens=7, batch_size=4)
+    path = acc.along(1, 2, [0.0, 0.5, 1.0])
+    assert path["n"] == len(ITEMS) and len(path["correct"]) == 3
+    assert path["accuracy"] == [c / len(ITEMS) for c in path["correct"]]
+    direct = load_model(base, device="cpu")
+    with torch.no_grad():
+        for name, p in direct.named_parameters():
+            if name.removesuffix(".weight") in aset.modules:
+                A, B = aset.factors(name.removesuffix(".weight"))
+                p.copy_((p.double() + 0.5 * aset.scales[1] * B[1] @ A[1] + 0.5 * aset.scales[2] * B[2] @ A[2]).float())
+    want, _ = evaluate_items(direct, tok, ITEMS, max_new_tokens=7, batch_size=4, style="plain")
+    got = acc.records([0.0, 0.5, 0.5])
+    assert [r["completion"] for r in got] == [r["completion"] for r in want]
+    acc.along(0, 2, [0.0])                               # alpha = 0 of (0, 2) is run 2, generated already
+    assert sorted(acc._records) == [(0.0, 0.0, 1.0), (0.0, 0.5, 0.5), (0.0, 1.0, 0.0)]
+
+
+def test_k_scales_with_the_rank_and_never_equals_it(setup, tmp_path):
+    from analysis.run import check_k, default_k
+    assert [default_k(r) for r in (1, 2, 4, 8, 16, 32, 64)] == [1, 1, 1, 3, 5, 10, 20]
+    assert all(default_k(r) < r for r in range(2, 200))
+    assert check_k(None, 32) == 10 and check_k(7, 8) == 7
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(EngineError, match="positive integer"):
+            check_k(bad, 8)
+    with pytest.raises(EngineError, match="k = 8 is not below the adapters' rank 8.*k = 3"):
+        check_k(8, 8)
+    base, runs = setup                                    # rank 4: k defaults to 1, k = 4 is refused
+    m = analysis.run_analysis(runs, base=None, reference=None, out=tmp_path / "geo", plots=False, echo=lambda s: None)
+    assert m["geometry"]["principal_angles"]["k"] == 1
+    with pytest.raises(EngineError, match="not below the adapters' rank 4"):
+        analysis.run_analysis(runs, base=None, reference=None, k=4, out=tmp_path / "geo", plots=False, echo=lambda s: None)
+
+
+def test_analyze_command(setup, tmp_path):
+    """`cli.py analyze` over the runs: the default k follows the rank; k = r is one line and exit 2."""
+    from click.testing import CliRunner
+
+    from cli import main
+    base, runs = setup
+    ok = CliRunner().invoke(main, ["analyze", *map(str, runs), "--reference", "run0", "--no-function-space",
+                                   "--out", str(tmp_path / "rep")])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "rep" / "metrics.json").read_text())["geometry"]["principal_angles"]["k"] == 1
+    bad = CliRunner().invoke(main, ["analyze", *map(str, runs), "--reference", "run0", "--no-function-space",
+                                    "--k", "4", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "not below the adapters' rank 4" in bad.output, bad.output
+    assert not (tmp_path / "bad").exists()
