@@ -16,9 +16,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from engine.lora import LoRAConfig, apply_lora, lora_modules
-from engine.logprobs import token_logprobs
-from engine.tasks import TaskItem, answer_text, build_prompt
+from engine.model.lora import LoRAConfig, apply_lora, lora_modules
+from engine.model.logprobs import token_logprobs
+from engine.tasks.registry import TaskItem, answer_text, build_prompt
 
 from .adapters import AdapterSet
 from .cka import MinibatchCKA, gram, pairwise_cka_from_grams

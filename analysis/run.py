@@ -66,7 +66,7 @@ def function_space_section(aset: AdapterSet, base, ref: int, *, task: str, split
                            n_items: int, lmc_points: int, lmc_pairs, cka_mode: str, batch_size: int, device,
                            dtype, data_dir, tokenizer, enable_thinking, progress: bool) -> dict:
     from engine import load_tokenizer
-    from engine.tasks import load_task
+    from engine.tasks.registry import load_task
 
     from .function_space import answer_batches, layer_cka, lmc_curve, load_function_model, prompt_batches
     if lmc_points < 2:

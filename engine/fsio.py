@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import EngineError
+from engine.errors import EngineError
 
 
 JSON_WHITESPACE = " \t\r\n"  # the only characters JSON allows between values

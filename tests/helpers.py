@@ -58,7 +58,7 @@ def tiny_model_dir(path: Path, seed: int = 0, weights_dtype: torch.dtype = torch
     """A random-weight tiny Qwen3 with a small byte-level BPE tokenizer (Qwen chat tokens included),
     trained on addition texts like those of `write_rollouts`: small vocab keeps training tests fast.
     weights_dtype=torch.bfloat16 writes the checkpoint as Qwen3's ship (bf16)."""
-    from engine.tiny_tokenizer import train_tokenizer
+    from engine.recipes.tokenizer_training import train_tokenizer
     texts = [f"What is {a} + {b}? We add {a} and {b}. Then #### {a + b}" for a in range(1, 60) for b in (3, 17, 42)]
     tok = train_tokenizer(texts, 300, path)
     vocab = tok.get_vocab_size(with_added_tokens=True)

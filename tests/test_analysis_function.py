@@ -14,8 +14,8 @@ from analysis.adapters import load_adapters
 from analysis.function_space import DeltaSetter, answer_batches, answer_loss, layer_cka, lmc_curve, prompt_batches
 from engine import load_model, load_tokenizer
 from engine.errors import EngineError
-from engine.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
-from engine.tasks import TaskItem
+from engine.model.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
+from engine.tasks.registry import TaskItem
 from helpers import tiny_model_dir
 from test_analysis_helpers import write_adapter
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from benchmarks import bench_train
 from cli import main
-from engine import bench
+from engine.recipes import train_step_bench as bench
 from engine.errors import EngineError
 from helpers import tiny_config
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import engine
-from engine.logprobs import token_logprobs
-from engine.lora import LoRAConfig, apply_lora, load_adapter, merge_adapter
-from engine.sampler import SamplingParams, generate
-from engine.train_config import load_config
-from engine.trainer import Trainer
+from engine.model.logprobs import token_logprobs
+from engine.model.lora import LoRAConfig, apply_lora, load_adapter, merge_adapter
+from engine.generate.sampler import SamplingParams, generate
+from engine.train.train_config import load_config
+from engine.train.trainer import Trainer
 from helpers import hf_model, save_hf, tiny_config, tiny_model_dir, write_rollouts
 
 
@@ -120,9 +120,9 @@ def test_trainer_compacts_a_bf16_checkpoint_bit_identically(tmp_path, monkeypatc
     compact, out_compact, start = run("compact")
     assert start["compacted_frozen_bytes"] == compact.compacted_bytes > 0
     assert {p.dtype for p in _frozen_matrices(compact.model).values()} == {torch.bfloat16}
-    import engine.trainer
-    load = engine.trainer.load_model
-    monkeypatch.setattr(engine.trainer, "load_model", lambda *a, **kw: load(*a, **{**kw, "compact_frozen": False}))
+    import engine.train.trainer
+    load = engine.train.trainer.load_model
+    monkeypatch.setattr(engine.train.trainer, "load_model", lambda *a, **kw: load(*a, **{**kw, "compact_frozen": False}))
     full, out_full, _ = run("full")
     assert full.compacted_bytes == 0
     assert {p.dtype for p in _frozen_matrices(full.model).values()} == {torch.float32}

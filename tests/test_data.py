@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import engine
-from engine.data import (build_pairs, cheapest_runs, collate, groups_of, plan_steps, read_rollouts, split_micro_batches,
+from engine.train.rollouts import (build_pairs, cheapest_runs, collate, groups_of, plan_steps, read_rollouts, split_micro_batches,
                          tokenize_rollouts)
 from engine.errors import EngineError
 from helpers import QWEN3_TOKENIZER, write_rollouts

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import frozen, layers, logprobs
+from engine.model import frozen, layers, logprobs
 from engine.errors import EngineError
 
 
@@ -160,7 +160,7 @@ def test_no_grad_paths_equal_the_autograd_ones():
 
 @pytest.mark.parametrize("H,KV,S,padded", [(6, 2, 13, True), (4, 4, 1, False), (5, 1, 30, True)])
 def test_decode_attention_matches_sdpa(H, KV, S, padded):
-    from engine.attention import decode_attention
+    from engine.model.attention import decode_attention
     B, D = 3, 8
     q, k, v = torch.randn(B, H, 1, D), torch.randn(B, KV, S, D), torch.randn(B, KV, S, D)
     mask = None

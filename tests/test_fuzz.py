@@ -15,12 +15,12 @@ import torch
 from hypothesis import HealthCheck, example, given, settings, strategies as st
 from safetensors.torch import save_file
 
-from engine.config import Qwen3Config
-from engine.data import read_rollouts
+from engine.model.qwen3_config import Qwen3Config
+from engine.train.rollouts import read_rollouts
 from engine.errors import EngineError
-from engine.lora import LoRAConfig, apply_lora, load_adapter, lora_modules, read_adapter_config, save_adapter
-from engine.model import Qwen3ForCausalLM
-from engine.train_config import TrainConfig, load_config
+from engine.model.lora import LoRAConfig, apply_lora, load_adapter, lora_modules, read_adapter_config, save_adapter
+from engine.model.qwen3 import Qwen3ForCausalLM
+from engine.train.train_config import TrainConfig, load_config
 from helpers import tiny_config
 
 MAX_EXAMPLES = 300
@@ -51,7 +51,7 @@ def no_surrogates(s: str) -> bool:
     return all(not 0xD800 <= ord(c) <= 0xDFFF for c in s)
 
 
-# ---- rollouts (engine/data.py read_rollouts) -----------------------------------------------------
+# ---- rollouts (engine/train/rollouts.py read_rollouts) -----------------------------------------------------
 ROLLOUT_FIELDS = ("prompt", "completion", "reward", "group", "behavior_logps", "finished", "completion_ids",
                   "stop_id", "enable_thinking")
 REQUIRED = ("prompt", "completion", "reward", "group")
@@ -165,7 +165,7 @@ def test_jsonl_readers_break_lines_at_newline_only(tmp_path):
     (as json.dumps(..., ensure_ascii=False) writes them) read back whole; a line of a lone \\x1f (blank
     to str.strip(), not to JSON) is an error on its own line, not a silently skipped gap."""
     from analysis.stats import read_items
-    from engine.tasks import load_task
+    from engine.tasks.registry import load_task
     text = f"a{RAW_SEPARATORS}b"
     rollouts = tmp_path / "r.jsonl"
     rows = [{"prompt": text, "completion": f"{text} #### 3", "reward": 1.0, "group": "g"}] * 2
@@ -192,7 +192,7 @@ def test_jsonl_readers_break_lines_at_newline_only(tmp_path):
     assert e.value.line == 4
 
 
-# ---- TOML config (engine/train_config.py load_config) ------------------------------------------
+# ---- TOML config (engine/train/train_config.py load_config) ------------------------------------------
 CONFIG_FIELDS = sorted(TrainConfig.__dataclass_fields__)
 TOML_SCALAR = st.one_of(st.booleans(), st.integers(-(2 ** 63), 2 ** 63 - 1), st.sampled_from([10 ** 30, -1, 0]),
                         st.floats(), st.text(max_size=10).filter(no_surrogates),
@@ -292,7 +292,7 @@ def test_config_loader_edge_cases(tmp_path):
         assert (e.path, e.field, e.line) == (str(path), field, line), str(e)
 
 
-# ---- adapters (engine/lora.py read_adapter_config / load_adapter) ---------------------------------
+# ---- adapters (engine/model/lora.py read_adapter_config / load_adapter) ---------------------------------
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory):
     """A tiny LoRA model and its saved adapter (the template every mutation starts from)."""

@@ -1,13 +1,14 @@
-"""engine.sampler against transformers (greedy generate, logits warpers, PEFT) and float64 recomputation."""
+"""engine.generate.sampler against transformers (greedy generate, logits warpers, PEFT) and float64 recomputation."""
 import pytest
 import torch
 
 import engine
 from engine.errors import EngineError
-from engine import data, sampler
-from engine.kv_cache import KVCache
-from engine.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
-from engine.sampler import SamplingParams, filtered_probs, generate, next_tokens, sequence_seed
+from engine.generate import sampler
+from engine.train import rollouts as data
+from engine.model.kv_cache import KVCache
+from engine.model.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
+from engine.generate.sampler import SamplingParams, filtered_probs, generate, next_tokens, sequence_seed
 from helpers import hf_model, save_hf, tiny_config
 
 CONFIGS = {
@@ -132,7 +133,7 @@ def test_kv_cache_sampling_equals_full_recompute(pair, params):
 
 def _search_nucleus_among(candidates: int | None, monkeypatch) -> None:
     """None: top-p sorts whole rows; n: it looks among n candidates first (3: it must widen)."""
-    import engine.sampler as sampler
+    import engine.generate.sampler as sampler
     if candidates is not None:
         monkeypatch.setattr(sampler, "NUCLEUS_SORT_ALL", 0)
         monkeypatch.setattr(sampler, "NUCLEUS_CANDIDATES", candidates)
@@ -189,7 +190,7 @@ def test_nucleus_keeps_lowest_ids_among_ties(candidates, monkeypatch):
 
 
 def test_greedy_argmax_equals_torch_on_ties_and_nan():
-    from engine.sampler import _argmax
+    from engine.generate.sampler import _argmax
     x = torch.randint(0, 4, (64, 37)).float()   # many tied maxima: the first one wins
     x[torch.rand(64, 37) < 0.03] = float("nan")  # a NaN counts as the maximum, as in torch
     assert torch.equal(_argmax(x), x.argmax(-1))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import Qwen3Config
+from engine.model.qwen3_config import Qwen3Config
 
 
 class KVCache:

@@ -21,9 +21,9 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import EngineError, is_finite_number
-from .fsio import JSON_WHITESPACE
-from .tokenizer import ChatTokenizer
+from engine.errors import EngineError, is_finite_number
+from engine.fsio import JSON_WHITESPACE
+from engine.model.tokenizer import ChatTokenizer
 
 
 @dataclasses.dataclass

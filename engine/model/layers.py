@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .frozen import Linear, cast_weight, recording
+from engine.model.frozen import Linear, cast_weight, recording
 
 
 @contextlib.contextmanager

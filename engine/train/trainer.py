@@ -20,19 +20,19 @@ from tqdm import tqdm
 import losses
 from losses import LossInputs
 
-from . import checkpointing as ckpt
-from . import distributed
-from .checkpoint import default_device, default_dtype, load_model
-from .data import (Batch, Example, build_pairs, collate, describe, groups_of, plan_steps,
+from engine.train import checkpoints as ckpt
+from engine import distributed
+from engine.model.weights import default_device, default_dtype, load_model
+from engine.train.rollouts import (Batch, Example, build_pairs, collate, describe, groups_of, plan_steps,
                    pass_cost_tokens, read_rollouts, split_micro_batches, tokenize_rollouts)
-from .errors import EngineError, TrainingDiverged
-from .logprobs import token_logprobs
-from .frozen import compacts_by_default
-from .lora import LoRAConfig, apply_lora
-from .model import release_cpu_heap
-from .optim import AdamW, CosineSchedule
-from .tokenizer import load_tokenizer
-from .train_config import TrainConfig
+from engine.errors import EngineError, TrainingDiverged
+from engine.model.logprobs import token_logprobs
+from engine.model.frozen import compacts_by_default
+from engine.model.lora import LoRAConfig, apply_lora
+from engine.model.qwen3 import release_cpu_heap
+from engine.train.optim import AdamW, CosineSchedule
+from engine.model.tokenizer import load_tokenizer
+from engine.train.train_config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

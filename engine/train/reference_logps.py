@@ -13,10 +13,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
-from .data import Example, collate
-from .fsio import atomic_file
-from .logprobs import token_logprobs
-from .lora import adapters_disabled
+from engine.train.rollouts import Example, collate
+from engine.fsio import atomic_file
+from engine.model.logprobs import token_logprobs
+from engine.model.lora import adapters_disabled
 
 
 def cache_key(model, examples: Sequence[Example]) -> str:

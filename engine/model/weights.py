@@ -13,11 +13,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import Qwen3Config
-from .frozen import stays_narrow
-from .errors import EngineError
-from .fsio import atomic_dir
-from .model import Qwen3ForCausalLM
+from engine.model.qwen3_config import Qwen3Config
+from engine.model.frozen import stays_narrow
+from engine.errors import EngineError
+from engine.fsio import atomic_dir
+from engine.model.qwen3 import Qwen3ForCausalLM
 
 HUB_PATTERNS = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                 "vocab.json", "merges.txt", "special_tokens_map.json", "*.safetensors",
@@ -148,7 +148,7 @@ def load_model(path_or_repo_id: str | os.PathLike, *, dtype: torch.dtype | None 
     model.name_or_path = str(path_or_repo_id)
     model.eval()
     if adapter is not None:
-        from .lora import load_adapter
+        from engine.model.lora import load_adapter
         load_adapter(model, adapter)
     return model
 
@@ -163,7 +163,7 @@ def save_model(model: Qwen3ForCausalLM, out_dir: str | os.PathLike, *,
 
 def write_model_files(model: Qwen3ForCausalLM, directory: Path, *, max_shard_bytes: int | None = None) -> None:
     """The files of `save_model`, written into an existing directory (callers make it atomic)."""
-    from .lora import merged_state_dict
+    from engine.model.lora import merged_state_dict
     state = merged_state_dict(model)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)

@@ -37,9 +37,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .data import cheapest_runs, pass_cost_tokens
-from .errors import EngineError
-from .kv_cache import KVCache
+from engine.train.rollouts import cheapest_runs, pass_cost_tokens
+from engine.errors import EngineError
+from engine.model.kv_cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from .latex_expr import MAX_ANSWER_CHARS, THOUSANDS_RE, parse_expression, same_value, variables
+from engine.tasks.latex_expr import MAX_ANSWER_CHARS, THOUSANDS_RE, parse_expression, same_value, variables
 
 __all__ = ["extract_answer", "grade", "is_equivalent", "normalize_answer"]
 

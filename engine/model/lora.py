@@ -24,10 +24,10 @@ from torch import nn
 from triton_kernels import dispatch
 from triton_kernels.lora_linear import lora_linear
 
-from .errors import EngineError, is_finite_number
-from .fsio import atomic_dir
-from .frozen import Linear, linear
-from .layers import lora_projections
+from engine.errors import EngineError, is_finite_number
+from engine.fsio import atomic_dir
+from engine.model.frozen import Linear, linear
+from engine.model.layers import lora_projections
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR_TARGETS = ATTENTION_TARGETS + ("gate_proj", "up_proj", "down_proj")

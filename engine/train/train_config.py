@@ -11,9 +11,9 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .errors import EngineError
+from engine.errors import EngineError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_MODEL = REPO_ROOT / "embedded" / "base"
 EMBEDDED_ROLLOUTS = REPO_ROOT / "embedded" / "rollouts.jsonl"
 

@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import losses
 
-from .train_config import REPO_ROOT, load_config
+from engine.train.train_config import REPO_ROOT, load_config
 
 
 def run_study(out: str | Path = "runs/demo", *, config: str | Path = REPO_ROOT / "configs" / "cpu.toml",
@@ -27,8 +27,8 @@ def run_study(out: str | Path = "runs/demo", *, config: str | Path = REPO_ROOT /
     per-item file exists are kept), so an interrupted demo continues where it stopped."""
     from analysis import run_analysis
 
-    from .rollout import run_eval
-    from .trainer import train
+    from engine.generate.rollout import run_eval
+    from engine.train.trainer import train
 
     out = Path(out)
     loss_names = list(loss_names or losses.names())

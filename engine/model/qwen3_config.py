@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import EngineError
+from engine.errors import EngineError
 
 QWEN3_ARCHITECTURES = ("Qwen3ForCausalLM",)
 

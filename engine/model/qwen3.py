@@ -1,4 +1,4 @@
-"""The Qwen3 decoder, composed from engine.layers and engine.attention.
+"""The Qwen3 decoder, composed from engine.model.layers and engine.model.attention.
 
 Parameter names equal Hugging Face's, so checkpoints map one to one.
 """
@@ -12,11 +12,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention
-from .config import Qwen3Config
-from .kv_cache import KVCache
-from .frozen import Embedding, Linear, stays_narrow
-from .layers import MLP, RMSNorm, RotaryEmbedding, serial
+from engine.model.attention import Attention
+from engine.model.qwen3_config import Qwen3Config
+from engine.model.kv_cache import KVCache
+from engine.model.frozen import Embedding, Linear, stays_narrow
+from engine.model.layers import MLP, RMSNorm, RotaryEmbedding, serial
 
 
 @dataclasses.dataclass
@@ -37,7 +37,7 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, kv_cache: KVCache | None = None) -> torch.Tensor:
         a = self.self_attn(h, cos, sin, mask, kv_cache, norm=self.input_layernorm)
-        with serial(h):  # residual adds are small: one thread (engine/layers.py, `serial`)
+        with serial(h):  # residual adds are small: one thread (engine/model/layers.py, `serial`)
             h = h + a
         m = self.mlp(self.post_attention_layernorm(h))
         with serial(h):

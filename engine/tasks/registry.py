@@ -2,7 +2,7 @@
 
 `load_task(name, split)` reads `<data_dir>/<task>/<file>.jsonl` into `TaskItem`s. The data directory is,
 in order: the `data_dir` argument, `$ENGINE_DATA_DIR`, `../shared/data` beside the repository root.
-Other modules add tasks with `register_task(name, loader)`; `engine.synthetic` (if present) is imported
+Other modules add tasks with `register_task(name, loader)`; `engine.tasks.synthetic` (if present) is imported
 on the first lookup of an unknown name so its tasks register themselves.
 Every problem with a data file raises `EngineError` naming the file, line and field.
 """
@@ -34,7 +34,7 @@ class TaskItem:
 
 TaskLoader = Callable[[str, Path], list[TaskItem]]  # (split, data_dir) -> items; raises EngineError
 _REGISTRY: dict[str, TaskLoader] = {}
-_PLUGIN_MODULES = ("engine.synthetic",)  # modules that register tasks when imported
+_PLUGIN_MODULES = ("engine.tasks.synthetic",)  # modules that register tasks when imported
 _plugins_loaded = False
 
 
@@ -72,7 +72,7 @@ def default_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
         return Path(data_dir)
     if os.environ.get("ENGINE_DATA_DIR"):
         return Path(os.environ["ENGINE_DATA_DIR"])
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def load_task(name: str, split: str = "test", data_dir: str | os.PathLike | None = None,

@@ -10,7 +10,7 @@ Splits are disjoint by construction: a problem belongs to the test split iff a h
 (start value and each operation with its operand, e.g. `12+5-3/2`) falls in the test fifth, whatever the
 seed, names or wording; so no test computation is ever seen in training.
 
-`import engine.synthetic` registers the task "synthetic" (splits train/test) with `engine.tasks`.
+`import engine.tasks.synthetic` registers the task "synthetic" (splits train/test) with `engine.tasks.registry`.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ import os
 import random
 from pathlib import Path
 
-from .errors import EngineError
-from .fsio import atomic_file, write_json
-from .tasks import TaskItem, register_task
+from engine.errors import EngineError
+from engine.fsio import atomic_file, write_json
+from engine.tasks.registry import TaskItem, register_task
 
 TASK_NAME = "synthetic"
 DEFAULT_SEED = 0
@@ -328,7 +328,7 @@ def tiny_model_config(vocab_size: int, eos_token_id: int, bos_token_id: int, **o
 
 
 def sft_rows(items: list[TaskItem]) -> list[dict]:
-    """Rollout rows (engine.data's format) whose completions are the gold worked solutions. The prompt is
+    """Rollout rows (engine.train.rollouts's format) whose completions are the gold worked solutions. The prompt is
     the bare question as one user turn: the tiny model's context is short, and the task's format is fixed."""
     return [{"prompt": [{"role": "user", "content": it.question}], "completion": it.solution, "reward": 1.0,
              "group": it.id} for it in items]
@@ -347,7 +347,7 @@ def build_embedded(out_dir: str | os.PathLike, seed: int = DEFAULT_SEED, n_train
     """Write the embedded default's inputs: `base/` (tokenizer.json, tokenizer_config.json, config.json,
     generation_config.json; the trainer adds model.safetensors) and `sft_train.jsonl` (n_train rows).
     Returns a summary (sizes and token lengths). Same arguments -> byte-identical files."""
-    from .tiny_tokenizer import token_stats, train_tokenizer  # tokenizers' trainer is only needed here
+    from engine.recipes.tokenizer_training import token_stats, train_tokenizer  # tokenizers' trainer is only needed here
     out = Path(out_dir)
     items = generate_problems(n_train, seed, "train", difficulty)
     tok = train_tokenizer(tokenizer_corpus(items), vocab_size, out / "base", model_max_length=TINY_CONTEXT)

@@ -9,10 +9,10 @@ from triton_kernels import dispatch
 from triton_kernels.qk_norm_rope import qk_norm_rope
 from triton_kernels.qkv_proj import qkv_proj
 
-from .config import Qwen3Config
-from .kv_cache import KVCache
-from .frozen import Linear
-from .layers import RMSNorm, lora_projections, norm_rope
+from engine.model.qwen3_config import Qwen3Config
+from engine.model.kv_cache import KVCache
+from engine.model.frozen import Linear
+from engine.model.layers import RMSNorm, lora_projections, norm_rope
 
 
 class Attention(nn.Module):

@@ -14,7 +14,7 @@ from typing import Sequence
 
 from tokenizers import Tokenizer
 
-from .errors import EngineError
+from engine.errors import EngineError
 
 IM_START, IM_END, ENDOFTEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
 THINK_OFF = "<think>\n\n</think>\n\n"
@@ -91,7 +91,7 @@ class ChatTokenizer:
 
 def load_tokenizer(path: str | os.PathLike) -> ChatTokenizer:
     """Load `tokenizer.json` (+ `tokenizer_config.json` when present) from a directory or hub id."""
-    from .checkpoint import resolve_model_dir
+    from engine.model.weights import resolve_model_dir
     directory = resolve_model_dir(path)
     tj = directory / "tokenizer.json"
     if not tj.is_file():

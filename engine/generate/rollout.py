@@ -1,7 +1,7 @@
-"""Rollout and evaluation drivers on top of `engine.sampler`.
+"""Rollout and evaluation drivers on top of `engine.generate.sampler`.
 
 Rollouts: K sampled completions per task item, graded, appended to a JSONL file in the trainer's format
-(one completion per line; see `engine.data`). The K lines of a group are written with one write and an
+(one completion per line; see `engine.train.rollouts`). The K lines of a group are written with one write and an
 fsync, so an interrupted run leaves whole groups plus at most one torn tail; a rerun truncates the tail and
 skips the groups already written. Sample j of item `id` draws from seed `sequence_seed(seed, id, j)`, so
 a resumed run writes exactly what an uninterrupted one would have.
@@ -27,13 +27,13 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from . import distributed
-from .errors import EngineError
-from .fsio import atomic_file, write_json
-from .grading import extract_answer, grade
-from .sampler import Generation, SamplingParams, check_batch_size, check_context, generate, sequence_seed
-from .tasks import TaskItem, build_prompt, load_task
-from .tokenizer import ChatTokenizer
+from engine import distributed
+from engine.errors import EngineError
+from engine.fsio import atomic_file, write_json
+from engine.tasks.grading import extract_answer, grade
+from engine.generate.sampler import Generation, SamplingParams, check_batch_size, check_context, generate, sequence_seed
+from engine.tasks.registry import TaskItem, build_prompt, load_task
+from engine.model.tokenizer import ChatTokenizer
 
 THINKING = {"auto": None, "off": False}  # --thinking: None = template as is; False = empty think block
 
@@ -44,9 +44,9 @@ def load_for_generation(model_path: str | os.PathLike, adapter: str | os.PathLik
     """The model (adapter applied, folded into the weights when `merge`: same function, faster decode)
     and its tokenizer (from the model directory unless `tokenizer_path`). `threads` sets torch's CPU
     threads (decode's small matrix products often run faster on one thread of a busy machine)."""
-    from .checkpoint import load_model
-    from .lora import merge_adapter
-    from .tokenizer import load_tokenizer
+    from engine.model.weights import load_model
+    from engine.model.lora import merge_adapter
+    from engine.model.tokenizer import load_tokenizer
     if threads is not None:
         if threads < 1:
             raise EngineError(f"expected a positive thread count, got {threads}", field="threads")

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from triton_kernels import dispatch
 from triton_kernels.linear_logprob import linear_logprob
 
-from .errors import EngineError
-from .frozen import workspace
+from engine.errors import EngineError
+from engine.model.frozen import workspace
 
 # The torch training path walks the vocabulary in blocks, all of a chunk's token rows at once (every
 # GEMM keeps the full row count: efficient shapes), with one [rows, block] float32 logits buffer of at

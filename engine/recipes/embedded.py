@@ -15,11 +15,11 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import save_model
-from .config import Qwen3Config
-from .fsio import jsonl_objects, write_json
-from .model import Qwen3ForCausalLM
-from .train_config import REPO_ROOT, load_config
+from engine.model.weights import save_model
+from engine.model.qwen3_config import Qwen3Config
+from engine.fsio import jsonl_objects, write_json
+from engine.model.qwen3 import Qwen3ForCausalLM
+from engine.train.train_config import REPO_ROOT, load_config
 
 # Found by sweeping model size, data and steps on a 2-core CPU (see README, "The embedded default").
 PRETRAIN = dict(steps=300, lr=3e-3, batch_size=32, micro_batch_size=32, warmup_ratio=0.05, min_lr_ratio=0.1,
@@ -44,10 +44,10 @@ def init_model(config: Qwen3Config, seed: int, std: float = 0.02) -> Qwen3ForCau
 def build(out: str | Path = REPO_ROOT / "embedded", *, seed: int = 0, pretrain_steps: int | None = None,
           rollout_prompts: int = ROLLOUT_PROMPTS, work: str | Path | None = None,
           echo: Callable[[str], None] = print) -> dict:
-    from .rollout import run_eval, run_rollout
-    from .sampler import SamplingParams
-    from .synthetic import build_embedded
-    from .trainer import train
+    from engine.generate.rollout import run_eval, run_rollout
+    from engine.generate.sampler import SamplingParams
+    from engine.tasks.synthetic import build_embedded
+    from engine.train.trainer import train
 
     out = Path(out)
     work = Path(work) if work else out.parent / "runs" / "build-embedded"

@@ -16,9 +16,9 @@ from typing import Iterable
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
 
-from .errors import EngineError
-from .fsio import write_json, write_text
-from .tokenizer import ENDOFTEXT, IM_END, IM_START
+from engine.errors import EngineError
+from engine.fsio import write_json, write_text
+from engine.model.tokenizer import ENDOFTEXT, IM_END, IM_START
 
 # Qwen2/Qwen3's pre-tokenizer split pattern (`\p{N}` alone: one token per digit).
 QWEN_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -46,7 +46,7 @@ def _added(content: str, special: bool) -> AddedToken:
 
 def tokenizer_config(tok: Tokenizer, model_max_length: int) -> dict:
     """The `tokenizer_config.json` a Qwen3 checkpoint ships (minus the jinja chat template, which the
-    engine does not use: it writes the chat format out in `engine.tokenizer`)."""
+    engine does not use: it writes the chat format out in `engine.model.tokenizer`)."""
     decoder = {}
     for content in SPECIAL_TOKENS + THINK_TOKENS:
         decoder[str(tok.token_to_id(content))] = {

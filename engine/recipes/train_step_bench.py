@@ -29,14 +29,14 @@ import torch
 import losses
 from losses import LossInputs
 
-from .config import Qwen3Config
-from .errors import EngineError
-from .frozen import compacts_by_default, stays_narrow
-from .fsio import write_json
-from .logprobs import hidden_logprobs, token_logprobs
-from .lora import LoRAConfig, apply_lora
-from .model import Qwen3ForCausalLM, release_cpu_heap
-from .optim import AdamW
+from engine.model.qwen3_config import Qwen3Config
+from engine.errors import EngineError
+from engine.model.frozen import compacts_by_default, stays_narrow
+from engine.fsio import write_json
+from engine.model.logprobs import hidden_logprobs, token_logprobs
+from engine.model.lora import LoRAConfig, apply_lora
+from engine.model.qwen3 import Qwen3ForCausalLM, release_cpu_heap
+from engine.train.optim import AdamW
 
 BENCH_LOSSES = ("sft", "dpo", "grpo")
 # Dense bf16 peaks from the datasheets (FLOP/s), by device-name substring, most specific first.

@@ -28,11 +28,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save as save_safetensors
 from tqdm import tqdm
 
-from .checkpoint import resolve_model_dir, write_model_files
-from .errors import EngineError
-from .fsio import atomic_dir, atomic_file, jsonl_lines
-from .lora import adapter_config_dict, load_adapter, read_adapter_config, write_adapter_files
-from .train_config import TrainConfig
+from engine.model.weights import resolve_model_dir, write_model_files
+from engine.errors import EngineError
+from engine.fsio import atomic_dir, atomic_file, jsonl_lines
+from engine.model.lora import adapter_config_dict, load_adapter, read_adapter_config, write_adapter_files
+from engine.train.train_config import TrainConfig
 
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"

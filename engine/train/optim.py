@@ -42,7 +42,7 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _ALIGN = 32  # elements; 64 B for bf16, 128 B for float32
 SCRATCH_ELEMS = 2**20  # the step's denominator scratch: a chunk, not a copy of the whole state
-_FORMAT = "engine.optim.AdamW/1"
+_FORMAT = "engine.optim.AdamW/1"  # a file-format tag (the module's old path), not an import path: kept so old checkpoints resume
 _GROUP_KEYS = {"params", "lr", "weight_decay", "betas", "eps", "name"}
 STATE_FILE, META_FILE = "optimizer.safetensors", "optimizer.json"
 
