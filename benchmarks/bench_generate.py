@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
 from engine.generate.sampler import SamplingParams, generate  # noqa: E402
-from engine.tasks.synthetic import TINY_CONTEXT, TINY_MODEL, TINY_VOCAB  # noqa: E402
+from engine.recipes.embedded_inputs import TINY_CONTEXT, TINY_MODEL, TINY_VOCAB  # noqa: E402
 
 # The embedded demo model's shape.
 SHAPE = {**TINY_MODEL, "max_position_embeddings": TINY_CONTEXT}

@@ -227,38 +227,6 @@ def on_main(ctx: DistContext, fn: Callable[[], T]) -> T:
     return outcome["ok"]
 
 
-# ---- reference log-probs ------------------------------------------------------------------------
-def reference_logps(ctx: DistContext, model: torch.nn.Module, examples: Sequence, pad_id: int,
-                    cache_dir, micro_batch_size: int) -> list[torch.Tensor]:
-    """engine.train.reference_logps's cached reference log-probs, per example [len(ids) - prompt_len], on every
-    rank. Replicated model: rank 0 loads or computes (and caches) them, then broadcasts them.
-    FSDP: every rank must run the forwards together, so each computes a contiguous share (padded
-    with idle forwards to the same count) and a SUM of zero-filled buffers assembles the whole;
-    not cached (one forward over the data, less than an epoch of training)."""
-    from engine.train.reference_logps import compute_ref_logps, load_or_compute
-    if not ctx.enabled:
-        return load_or_compute(model, examples, pad_id, cache_dir, micro_batch_size)
-    offsets = [0]
-    for e in examples:
-        offsets.append(offsets[-1] + len(e.ids) - e.prompt_len)
-    flat = torch.zeros(offsets[-1], dtype=torch.float32)
-    if is_sharded(model):
-        mine = shard_indices(len(examples), ctx.rank, ctx.world_size)
-        for i, lp in zip(mine, compute_ref_logps(model, [examples[i] for i in mine], pad_id, micro_batch_size)):
-            flat[offsets[i]:offsets[i + 1]] = lp
-        passes = -(-len(mine) // micro_batch_size)
-        with torch.no_grad():
-            for _ in range(max(gather_json(ctx, passes)) - passes):
-                model.forward_hidden(torch.tensor([examples[0].ids], device=ctx.device))
-        all_reduce_tensor_(ctx, flat)
-    else:
-        def compute() -> None:
-            flat.copy_(torch.cat(load_or_compute(model, examples, pad_id, cache_dir, micro_batch_size)))
-        on_main(ctx, compute)
-        broadcast_tensors_(ctx, [flat])
-    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(examples))]
-
-
 # ---- FSDP2 -------------------------------------------------------------------------------------
 def shard_frozen_base(ctx: DistContext, model: torch.nn.Module, device: torch.device) -> None:
     """Shard the frozen base with FSDP2 `fully_shard`: one unit per decoder layer plus the root

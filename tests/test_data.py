@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import engine
-from engine.train.rollouts import (build_pairs, cheapest_runs, collate, groups_of, plan_steps, read_rollouts, split_micro_batches,
-                         tokenize_rollouts)
+from engine.packing import cheapest_runs
+from engine.train.batching import build_pairs, collate, groups_of, plan_steps, split_micro_batches
+from engine.train.rollouts import read_rollouts, tokenize_rollouts
 from engine.errors import EngineError
 from helpers import QWEN3_TOKENIZER, write_rollouts
 

@@ -5,7 +5,7 @@ import torch
 import engine
 from engine.errors import EngineError
 from engine.generate import sampler
-from engine.train import rollouts as data
+from engine import packing
 from engine.model.kv_cache import KVCache
 from engine.model.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
 from engine.generate.sampler import SamplingParams, filtered_probs, generate, next_tokens, sequence_seed
@@ -72,7 +72,7 @@ def _frequent_token(model, prompts, steps):
 @pytest.mark.parametrize("pass_cost", [0, 10 ** 9], ids=["prefill-by-length", "prefill-one-pass"])
 def test_greedy_equals_transformers_generate(pair, pass_cost, monkeypatch):
     hf, ours, cfg, _ = pair
-    monkeypatch.setattr(data, "PASS_COST_TOKENS", {"cpu": pass_cost})
+    monkeypatch.setattr(packing, "PASS_COST_TOKENS", {"cpu": pass_cost})
     prompts = _prompts(cfg, [5, 11, 2, 8, 11])
     stop = _frequent_token(ours, prompts, 16)
     ours_out = generate(ours, prompts, SamplingParams(max_new_tokens=16, temperature=0), stop_ids=[stop],
@@ -302,7 +302,7 @@ def test_prefill_by_length_equals_one_pass(one, monkeypatch, keys_transposed):
 
     monkeypatch.setattr(ours, "forward", spy)
     for pass_cost in (0, 10 ** 9):
-        monkeypatch.setattr(data, "PASS_COST_TOKENS", {"cpu": pass_cost})
+        monkeypatch.setattr(packing, "PASS_COST_TOKENS", {"cpu": pass_cost})
         passes.append([])
         runs.append(generate(ours, prompts, params, stop_ids=[], pad_id=PAD, seeds=seeds))
     assert passes == [[(2, 13), (1, 9), (1, 7), (1, 5), (1, 2), (1, 1)], [(7, 13)]]

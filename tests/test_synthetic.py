@@ -15,7 +15,8 @@ import engine
 from engine.tasks import synthetic
 from engine.errors import EngineError
 from engine.tasks.grading import grade
-from engine.tasks.synthetic import Difficulty, build_embedded, generate_problems
+from engine.recipes.embedded_inputs import build_embedded
+from engine.tasks.synthetic import Difficulty, generate_problems
 from helpers import REPO
 
 ANNOTATION = re.compile(r"(\d+) ([-+*/]) (\d+) = \$?<<([^=<>]+)=([^<>]+)>>(\d+)")

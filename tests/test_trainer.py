@@ -45,7 +45,7 @@ def test_each_loss_lowers_its_objective(setup, tmp_path, loss):
 
 
 def _mean_token_prob(trainer):
-    from engine.train.rollouts import collate
+    from engine.train.batching import collate
     from engine.model.logprobs import token_logprobs
 
     @torch.no_grad()

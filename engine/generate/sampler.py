@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from engine.train.rollouts import cheapest_runs, pass_cost_tokens
+from engine.packing import cheapest_runs, pass_cost_tokens
 from engine.errors import EngineError
 from engine.model.kv_cache import KVCache
 
@@ -247,7 +247,7 @@ def _prefill(model: torch.nn.Module, prompts: list[Sequence[int]], max_new: int,
              ) -> tuple[torch.Tensor, KVCache, torch.Tensor]:
     """Run the prompts once each (a rollout batch holds K copies of every prompt), left-padded to the
     longest in the cache, then copy the cache rows out to the batch. Prompts of much shorter length are
-    prefilled in passes of their own (`data.cheapest_runs`) into their rows' right-aligned cache positions,
+    prefilled in passes of their own (`packing.cheapest_runs`) into their rows' right-aligned cache positions,
     so padding costs no prefill compute. Returns the last logits [B, V], the cache (B rows, room for
     max_new more positions) and the padding mask [B, P + max_new] (1 = real; generated columns are 1)."""
     device = model.device

@@ -46,7 +46,7 @@ def build(out: str | Path = REPO_ROOT / "embedded", *, seed: int = 0, pretrain_s
           echo: Callable[[str], None] = print) -> dict:
     from engine.generate.rollout import run_eval, run_rollout
     from engine.generate.sampler import SamplingParams
-    from engine.tasks.synthetic import build_embedded
+    from engine.recipes.embedded_inputs import build_embedded
     from engine.train.trainer import train
 
     out = Path(out)

@@ -35,7 +35,8 @@ from engine.model.frozen import compacts_by_default, stays_narrow
 from engine.fsio import write_json
 from engine.model.logprobs import hidden_logprobs, token_logprobs
 from engine.model.lora import LoRAConfig, apply_lora
-from engine.model.qwen3 import Qwen3ForCausalLM, release_cpu_heap
+from engine.model.memory import release_cpu_heap
+from engine.model.qwen3 import Qwen3ForCausalLM
 from engine.train.optim import AdamW
 
 BENCH_LOSSES = ("sft", "dpo", "grpo")

@@ -13,10 +13,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
-from engine.train.rollouts import Example, collate
+from engine.distributed import (DistContext, all_reduce_tensor_, broadcast_tensors_, gather_json, is_sharded, on_main,
+                                shard_indices)
 from engine.fsio import atomic_file
 from engine.model.logprobs import token_logprobs
 from engine.model.lora import adapters_disabled
+from engine.train.batching import collate
+from engine.train.rollouts import Example
 
 
 def cache_key(model, examples: Sequence[Example]) -> str:
@@ -75,3 +78,33 @@ def load_or_compute(model, examples: Sequence[Example], pad_id: int, cache_dir: 
     with atomic_file(path, "wb") as f:
         f.write(save({"logps": torch.cat(logps), "offsets": offsets}, metadata={"key": key}))
     return logps
+
+
+def shared_reference_logps(ctx: DistContext, model: torch.nn.Module, examples: Sequence, pad_id: int,
+                    cache_dir, micro_batch_size: int) -> list[torch.Tensor]:
+    """engine.train.reference_logps's cached reference log-probs, per example [len(ids) - prompt_len], on every
+    rank. Replicated model: rank 0 loads or computes (and caches) them, then broadcasts them.
+    FSDP: every rank must run the forwards together, so each computes a contiguous share (padded
+    with idle forwards to the same count) and a SUM of zero-filled buffers assembles the whole;
+    not cached (one forward over the data, less than an epoch of training)."""
+    if not ctx.enabled:
+        return load_or_compute(model, examples, pad_id, cache_dir, micro_batch_size)
+    offsets = [0]
+    for e in examples:
+        offsets.append(offsets[-1] + len(e.ids) - e.prompt_len)
+    flat = torch.zeros(offsets[-1], dtype=torch.float32)
+    if is_sharded(model):
+        mine = shard_indices(len(examples), ctx.rank, ctx.world_size)
+        for i, lp in zip(mine, compute_ref_logps(model, [examples[i] for i in mine], pad_id, micro_batch_size)):
+            flat[offsets[i]:offsets[i + 1]] = lp
+        passes = -(-len(mine) // micro_batch_size)
+        with torch.no_grad():
+            for _ in range(max(gather_json(ctx, passes)) - passes):
+                model.forward_hidden(torch.tensor([examples[0].ids], device=ctx.device))
+        all_reduce_tensor_(ctx, flat)
+    else:
+        def compute() -> None:
+            flat.copy_(torch.cat(load_or_compute(model, examples, pad_id, cache_dir, micro_batch_size)))
+        on_main(ctx, compute)
+        broadcast_tensors_(ctx, [flat])
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(examples))]

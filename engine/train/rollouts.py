@@ -1,4 +1,5 @@
-"""Rollouts -> validated records -> token ids with a completion mask -> step plans -> padded batches.
+"""Rollout files -> validated records -> token ids with a completion mask (`engine.train.batching` turns
+those into step plans and padded batches).
 
 A rollout file is JSONL, one completion per line: `prompt` (a string or chat messages), `completion`,
 `reward` (float), `group` (shared by the K rollouts of one prompt); optional `behavior_logps` (one per
@@ -14,12 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
-
-import torch
 
 from engine.errors import EngineError, is_finite_number
 from engine.fsio import JSON_WHITESPACE
@@ -233,157 +231,3 @@ def tokenize_rollouts(rollouts: Sequence[Rollout], tokenizer: ChatTokenizer, max
     if not examples:
         raise EngineError("no usable rollouts after validation", path=path)
     return examples
-
-
-def build_pairs(examples: Sequence[Example], seed: int, mode: str = "one") -> list[tuple[int, int]]:
-    """DPO pairs (chosen, rejected) within a group: reward 1 vs reward 0.
-
-    mode "one" (default): one pair per group that has both, drawn with `seed`; "all": every pair."""
-    if mode not in ("one", "all"):
-        raise EngineError(f"dpo pairs must be 'one' or 'all', got {mode!r}", field="dpo_pairs")
-    gen = torch.Generator().manual_seed(seed)
-    pairs = []
-    for rows in groups_of(examples):
-        pos = [i for i in rows if examples[i].reward == 1.0]
-        neg = [i for i in rows if examples[i].reward == 0.0]
-        if not pos or not neg:
-            continue
-        if mode == "all":
-            pairs.extend((w, l) for w in pos for l in neg)
-        else:
-            w = pos[int(torch.randint(len(pos), (1,), generator=gen))]
-            l = neg[int(torch.randint(len(neg), (1,), generator=gen))]
-            pairs.append((w, l))
-    return pairs
-
-
-def groups_of(examples: Sequence[Example]) -> list[list[int]]:
-    """Row indices of each group, groups in order of first appearance."""
-    groups: dict[int, list[int]] = {}
-    for i, e in enumerate(examples):
-        groups.setdefault(e.group, []).append(i)
-    return list(groups.values())
-
-
-def plan_steps(units: Sequence[Sequence[int]], unit_sizes: Sequence[int], batch_size: int, steps: int,
-               seed: int, unit_order: Sequence[int] | None = None) -> list[list[int]]:
-    """Which units (groups, or DPO pairs) each optimizer step uses.
-
-    Units are visited in a seeded permutation per epoch (the same for every loss, given the same
-    groups), and a step takes whole units until it holds `batch_size` examples. Returns, per step,
-    the list of unit indices."""
-    if not units:
-        raise EngineError("nothing to train on (no groups / pairs)")
-    plan, current, filled, epoch = [], [], 0, 0
-    while len(plan) < steps:
-        perm = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        for u in perm.tolist():
-            current.append(u)
-            filled += unit_sizes[u]
-            if filled >= batch_size:
-                plan.append(current)
-                current, filled = [], 0
-                if len(plan) == steps:
-                    break
-        epoch += 1
-    return plan
-
-
-# What one more forward (and backward) pass costs, in padded tokens, when a batch is split by length.
-# Measured on CPU with the embedded shape (2 threads): a pass costs ~1.3-3 ms beyond ~0.065-0.08 ms per
-# token in training, ~1.2 ms beyond ~0.05 ms per token in a prefill. On a GPU a pass's kernel launches
-# are worth far more tokens: unmeasured here, a conservative guess that splits only badly padded batches.
-PASS_COST_TOKENS = {"cpu": 32}
-PASS_COST_TOKENS_OTHER = 2048
-
-
-def pass_cost_tokens(device: torch.device | str) -> float:
-    """`PASS_COST_TOKENS` for the device's type."""
-    return PASS_COST_TOKENS.get(torch.device(device).type, PASS_COST_TOKENS_OTHER)
-
-
-def cheapest_runs(widths: Sequence[int], rows: Sequence[int], pass_cost: float,
-                  max_rows: int | None = None) -> list[tuple[int, int]]:
-    """Split items sorted widest first into runs [lo, hi), each one pass padded to its first item's width:
-    a run costs (its rows) x widths[lo] + pass_cost, and holds at most `max_rows` rows (an item with more
-    runs alone). Returns the runs of least total cost, fewest passes among equals (exact, O(n^2))."""
-    if any(a < b for a, b in zip(widths, widths[1:])):
-        raise ValueError("widths must be sorted widest first")
-    n = len(widths)
-    # best[j]: (cost, passes) of the cheapest split of the first j items, compared in that order.
-    best, cut = [(0.0, 0)] + [(math.inf, 0)] * n, [0] * (n + 1)
-    for j in range(1, n + 1):
-        count = 0
-        for i in range(j - 1, -1, -1):  # the run [i, j)
-            count += rows[i]
-            if max_rows is not None and count > max_rows and i < j - 1:
-                break
-            if count * widths[i] + pass_cost > best[j][0]:
-                break  # longer runs only pad more (widths grow towards i = 0)
-            option = (best[i][0] + count * widths[i] + pass_cost, best[i][1] + 1)
-            if option < best[j]:
-                best[j], cut[j] = option, i
-    runs, j = [], n
-    while j > 0:
-        runs.append((cut[j], j))
-        j = cut[j]
-    return runs[::-1]
-
-
-def split_micro_batches(units: Sequence[Sequence[int]], lengths: Sequence[int], max_rows: int,
-                        pass_cost: float) -> list[list[int]]:
-    """Length bucketing: sort a step's units (whole groups or pairs, never split) by their longest row,
-    then cut them into micro-batches of at most `max_rows` rows (a larger unit gets one of its own) where
-    padding costs more than another pass (`cheapest_runs`; `pass_cost` in tokens, `pass_cost_tokens`)."""
-    order = sorted(units, key=lambda u: -max(lengths[i] for i in u))
-    runs = cheapest_runs([max(lengths[i] for i in u) for u in order], [len(u) for u in order], pass_cost, max_rows)
-    return [[i for u in order[lo:hi] for i in u] for lo, hi in runs]
-
-
-@dataclasses.dataclass
-class Batch:
-    input_ids: torch.Tensor       # [B, T] right-padded
-    attention_mask: torch.Tensor  # [B, T] 1 = real token
-    mask: torch.Tensor            # [B, T] bool, completion tokens (position t scores token t)
-    rewards: torch.Tensor         # [B]
-    group_ids: torch.Tensor       # [B]
-    rows: list[int]               # dataset row of each batch row
-    behavior_logps: torch.Tensor | None = None  # [B, T]
-    ref_logps: torch.Tensor | None = None       # [B, T], cached reference log-probs
-
-    def to(self, device: torch.device) -> "Batch":
-        moved = {f.name: (getattr(self, f.name).to(device) if isinstance(getattr(self, f.name), torch.Tensor)
-                          else getattr(self, f.name)) for f in dataclasses.fields(self)}
-        return Batch(**moved)
-
-
-def collate(examples: Sequence[Example], rows: Sequence[int], pad_id: int) -> Batch:
-    T = max(len(examples[i].ids) for i in rows)
-    B = len(rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, T, dtype=torch.long)
-    mask = torch.zeros(B, T, dtype=torch.bool)
-    has_blp = all(examples[i].behavior_logps is not None for i in rows)
-    blp = torch.zeros(B, T, dtype=torch.float32) if has_blp else None
-    for b, i in enumerate(rows):
-        e = examples[i]
-        n = len(e.ids)
-        ids[b, :n] = torch.tensor(e.ids)
-        attn[b, :n] = 1
-        mask[b, e.prompt_len:n] = True
-        if blp is not None:
-            blp[b, e.prompt_len:n] = torch.tensor(e.behavior_logps)
-    return Batch(input_ids=ids, attention_mask=attn, mask=mask,
-                 rewards=torch.tensor([examples[i].reward for i in rows], dtype=torch.float32),
-                 group_ids=torch.tensor([examples[i].group for i in rows], dtype=torch.long),
-                 rows=list(rows), behavior_logps=blp)
-
-
-def describe(examples: Sequence[Example]) -> dict[str, Any]:
-    """Counts worth logging about a tokenised rollout set."""
-    groups = groups_of(examples)
-    mixed = sum(1 for g in groups if len({examples[i].reward for i in g}) > 1)
-    return {"rollouts": len(examples), "groups": len(groups), "groups_mixed_reward": mixed,
-            "positives": sum(e.reward == 1.0 for e in examples),
-            "completion_tokens": sum(len(e.ids) - e.prompt_len for e in examples),
-            "max_len": max(len(e.ids) for e in examples)}

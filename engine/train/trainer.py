@@ -23,14 +23,16 @@ from losses import LossInputs
 from engine.train import checkpoints as ckpt
 from engine import distributed
 from engine.model.weights import default_device, default_dtype, load_model
-from engine.train.rollouts import (Batch, Example, build_pairs, collate, describe, groups_of, plan_steps,
-                   pass_cost_tokens, read_rollouts, split_micro_batches, tokenize_rollouts)
+from engine.packing import pass_cost_tokens
+from engine.train.batching import Batch, build_pairs, collate, describe, groups_of, plan_steps, step_batches
+from engine.train.rollouts import Example, read_rollouts, tokenize_rollouts
 from engine.errors import EngineError, TrainingDiverged
 from engine.model.logprobs import token_logprobs
 from engine.model.frozen import compacts_by_default
 from engine.model.lora import LoRAConfig, apply_lora
-from engine.model.qwen3 import release_cpu_heap
+from engine.model.memory import release_cpu_heap
 from engine.train.optim import AdamW, CosineSchedule
+from engine.train.reference_logps import shared_reference_logps
 from engine.model.tokenizer import load_tokenizer
 from engine.train.train_config import TrainConfig
 
@@ -63,25 +65,27 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True,
                  dist: distributed.DistContext | None = None) -> None:
         self.dist = dist or distributed.DistContext()
-        if cfg.loss not in losses.names():
-            raise EngineError(f"unknown loss {cfg.loss!r}; choose from {', '.join(losses.names())}", field="loss")
         self.cfg, self.progress = cfg, progress and self.dist.is_main
         self.out = Path(cfg.out)
         self.hparams = cfg.hparams_for(cfg.loss)
-        losses.get(cfg.loss)  # validates the name; hyperparameter names are checked on first call
+        self._check_loss_settings()
+        self.resume_from = distributed.on_main(self.dist, lambda: self._resume_point(resume))
+        self._setup()
+
+    def _check_loss_settings(self) -> None:
+        """What can be refused before anything is loaded. `losses.get` validates the loss name; the
+        hyperparameter names are checked here too (the loss would check them only at its first call,
+        after the model is loaded), against the config's `loss_hparams` table."""
+        cfg = self.cfg
+        losses.get(cfg.loss)
         unknown = set(self.hparams) - set(losses.hyperparameters(cfg.loss))
         if unknown:
             raise EngineError(f"unknown hyperparameter(s) {sorted(unknown)} for loss {cfg.loss!r}; valid: "
                               f"{sorted(losses.hyperparameters(cfg.loss))}", field=f"loss_hparams.{cfg.loss}")
-        if self.hparams.get("clip_eps") is not None and cfg.loss == "grpo":
-            self._need_behavior = True
-        else:
-            self._need_behavior = False
+        self._need_behavior = cfg.loss == "grpo" and self.hparams.get("clip_eps") is not None
         if cfg.fsdp and cfg.full_finetune:
             raise EngineError("fsdp shards the frozen base around LoRA adapters; it does not support "
                               "full_finetune", field="fsdp")
-        self.resume_from = distributed.on_main(self.dist, lambda: self._resume_point(resume))
-        self._setup()
 
     def _resume_point(self, resume: bool) -> str | None:
         """Rank 0 picks the checkpoint to resume from (every rank then reads the same one)."""
@@ -95,8 +99,19 @@ class Trainer:
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _setup(self) -> None:
+        """Model -> examples -> step plan -> adapters -> reference log-probs -> optimizer -> resume, in
+        this order (each step reads what the ones before it set)."""
+        device = distributed.training_device(self.dist, self.cfg.device)
+        self._load_model(device)
+        self._load_examples()
+        self._plan_steps()
+        self._attach_adapters(device)
+        self._compute_reference_logps()
+        params = self._build_optimizer()
+        self._restore_or_start(params)
+
+    def _load_model(self, device: torch.device | None) -> None:
         cfg = self.cfg
-        device = distributed.training_device(self.dist, cfg.device)
         dtype = DTYPES[cfg.dtype] if cfg.dtype else None
         self.fsdp = cfg.fsdp and self.dist.enabled
         # FSDP: load on the host, shard, and let fully_shard move each rank's shards to its device.
@@ -112,6 +127,10 @@ class Trainer:
         max_ctx = self.model.config.max_position_embeddings
         if cfg.max_len > max_ctx:
             raise EngineError(f"max_len {cfg.max_len} exceeds the model's context {max_ctx}", field="max_len")
+
+    def _load_examples(self) -> None:
+        """Rollouts -> tokenised examples (less RFT's duplicates when `rft_dedup`)."""
+        cfg = self.cfg
         rollouts, skipped = read_rollouts(cfg.rollouts, cfg.on_bad)
         self.examples = tokenize_rollouts(rollouts, self.tokenizer, cfg.max_len, path=cfg.rollouts,
                                           on_bad=cfg.on_bad, enable_thinking=cfg.enable_thinking, skipped=skipped,
@@ -130,12 +149,19 @@ class Trainer:
                               [e.reward for e in self.examples])
             self.dedup_dropped = len(self.examples) - int(sum(bool(k) for k in keep))
             self.examples = [e for e, k in zip(self.examples, keep) if k]
+
+    def _plan_steps(self) -> None:
+        cfg = self.cfg
         self.units = build_units(self.examples, cfg)
         # Rows a loss ignores entirely (RFT: the incorrect ones) add exactly 0 to a step: not forwarded.
         # Steps still visit the same groups for every loss (the plan below is built from all rows).
         counts = losses.rows_that_count(cfg.loss)
         self.counted = counts(torch.tensor([e.reward for e in self.examples])).tolist() if counts else None
         self.plan = plan_steps(self.units.rows, self.units.size, cfg.batch_size, cfg.steps, cfg.seed)
+
+    def _attach_adapters(self, device: torch.device | None) -> None:
+        """LoRA on the target linears (or every weight trainable), then the FSDP sharding of the base."""
+        cfg = self.cfg
         if cfg.full_finetune:
             for p in self.model.parameters():
                 p.requires_grad_(True)
@@ -148,16 +174,27 @@ class Trainer:
         if self.fsdp:
             distributed.shard_frozen_base(self.dist, self.model, device or default_device())
             self.device = device or default_device()
+
+    def _compute_reference_logps(self) -> None:
+        cfg = self.cfg
         self.ref_logps = None
         if needs_reference(cfg):
             cache_dir = Path(cfg.ref_cache) if cfg.ref_cache else self.out.parent
-            self.ref_logps = distributed.reference_logps(self.dist, self.model, self.examples,
-                                                         self.tokenizer.pad_id, cache_dir, cfg.micro_batch_size)
+            self.ref_logps = shared_reference_logps(self.dist, self.model, self.examples,
+                                                 self.tokenizer.pad_id, cache_dir, cfg.micro_batch_size)
+
+    def _build_optimizer(self) -> list[torch.nn.Parameter]:
+        cfg = self.cfg
         params = [p for p in self.model.parameters() if p.requires_grad]
         lr = cfg.lr_for(cfg.loss)
         self.schedule = CosineSchedule(lr, cfg.steps, warmup_ratio=cfg.warmup_ratio, min_lr_ratio=cfg.min_lr_ratio)
         self.optimizer = AdamW([{"params": params, "lr": lr, "weight_decay": cfg.weight_decay}],
                                betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, schedule=self.schedule)
+        return params
+
+    def _restore_or_start(self, params: list[torch.nn.Parameter]) -> None:
+        """Seed, restore the checkpoint to resume from (if any), and make every rank start equal."""
+        cfg = self.cfg
         self.start_step = 0
         # Dropout draws from the global RNG: seed it so a run does not depend on what the process
         # did before (a resume then restores the RNG state saved with the checkpoint).
@@ -173,20 +210,10 @@ class Trainer:
             distributed.broadcast_tensors_(self.dist, params + list(self.optimizer.state_dict()[0].values()))
 
     # ---- one step -------------------------------------------------------------------------------
-    def _micro_batches(self, units: list[list[int]]) -> list[tuple[Batch, torch.Tensor | None]]:
-        lengths = [len(e.ids) for e in self.examples]
-        out = []
-        for rows in split_micro_batches(units, lengths, self.cfg.micro_batch_size, pass_cost_tokens(self.device)):
-            b = collate(self.examples, rows, self.tokenizer.pad_id)
-            if self.ref_logps is not None:
-                b.ref_logps = torch.zeros(b.mask.shape, dtype=torch.float32)
-                for j, i in enumerate(rows):
-                    e = self.examples[i]
-                    b.ref_logps[j, e.prompt_len:len(e.ids)] = self.ref_logps[i]
-            # DPO units are [chosen, rejected], so pairs are consecutive rows of the micro-batch.
-            pairs = torch.arange(len(rows), device=self.device).view(-1, 2) if self.cfg.loss == "dpo" else None
-            out.append((b.to(self.device), pairs))
-        return out
+    def _micro_batches(self, units: list[list[int]]) -> list[Batch]:
+        batches = step_batches(self.examples, units, self.cfg.micro_batch_size, pass_cost_tokens(self.device),
+                               self.tokenizer.pad_id, ref_logps=self.ref_logps, paired=self.cfg.loss == "dpo")
+        return [b.to(self.device) for b in batches]
 
     def _my_units(self, units: list[list[int]]) -> list[list[int]]:
         """This rank's share of a step's units (all of them on one process), less the rows the loss
@@ -199,24 +226,24 @@ class Trainer:
         share = distributed.share_units(units, lengths, self.dist.world_size)[self.dist.rank]
         return [units[i] for i in share]
 
-    def _accumulate(self, micro: list[tuple[Batch, torch.Tensor | None]], step: int,
+    def _accumulate(self, micro: list[Batch], step: int,
                     backward: bool) -> tuple[float, dict[str, float], int, float]:
         """Sum the loss over a step's micro-batches (each divided by the step's normaliser, summed
         over micro-batches and ranks, so accumulation gives one big batch's gradient); backprop each
         when `backward`. A non-finite loss stops the step on every rank (after the passes, so ranks
         never disagree on how many collectives they run)."""
         loss_fn, norm_fn = losses.get(self.cfg.loss), losses.get_normalizer(self.cfg.loss)
-        local = sum(norm_fn(b.mask, b.rewards, pairs=p, **self.hparams) for b, p in micro)
+        local = sum(norm_fn(b.mask, b.rewards, pairs=b.pairs, **self.hparams) for b in micro)
         normaliser, passes, self.micro_batches_in_step = local, len(micro), len(micro)
         if self.dist.enabled:
             counts = distributed.gather_json(self.dist, [local, len(micro)])
             normaliser, passes = sum(c[0] for c in counts), max(c[1] for c in counts)
             self.micro_batches_in_step = sum(c[1] for c in counts)
         total_loss, parts, tokens, bad = 0.0, [], 0, None
-        for b, pairs in micro:
+        for b in micro:
             logps = token_logprobs(self.model, b.input_ids, b.attention_mask, score_mask=b.mask)
             inputs = LossInputs(logps=logps, mask=b.mask, rewards=b.rewards, group_ids=b.group_ids,
-                                ref_logps=b.ref_logps, behavior_logps=b.behavior_logps, pairs=pairs,
+                                ref_logps=b.ref_logps, behavior_logps=b.behavior_logps, pairs=b.pairs,
                                 num_tokens=max(normaliser, 1e-12))
             loss, stats = loss_fn(inputs, **self.hparams)
             if bad is None and not torch.isfinite(loss):
