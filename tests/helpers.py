@@ -87,3 +87,10 @@ def write_rollouts(path: Path, n_groups: int = 12, k: int = 4, seed: int = 0, be
             lines.append(json.dumps(row))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Reference RoPE as HF writes it (x * cos + rotate_half(x) * sin): x [B, T, H, D], cos/sin [B, T, D]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)

@@ -36,12 +36,12 @@ def test_triton_path_equals_torch_path(tmp_path, monkeypatch):
     import engine.model.attention as attention
     from triton_kernels import dispatch
     calls = {"qkv": 0}
-    real = attention.qkv_proj
+    real = attention.lora_projections
 
     def counted(*args, **kwargs):
         calls["qkv"] += dispatch.use_triton(args[0])
         return real(*args, **kwargs)
-    monkeypatch.setattr(attention, "qkv_proj", counted)
+    monkeypatch.setattr(attention, "lora_projections", counted)
     ref_lp, ref_g = _run(model, ids, "torch", monkeypatch)
     assert calls["qkv"] == 0
     tri_lp, tri_g = _run(model, ids, "triton", monkeypatch)

@@ -5,14 +5,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from triton_kernels import dispatch
+from triton_kernels.lora_linear import lora_projections
 from triton_kernels.qk_norm_rope import qk_norm_rope
-from triton_kernels.qkv_proj import qkv_proj
 
 from engine.model.qwen3_config import Qwen3Config
 from engine.model.kv_cache import KVCache
 from engine.model.frozen import Linear
-from engine.model.layers import RMSNorm, lora_projections, norm_rope
+from engine.model.layers import RMSNorm
 
 
 class Attention(nn.Module):
@@ -35,21 +34,17 @@ class Attention(nn.Module):
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, hidden] -> q [B, T, q_out], k, v [B, T, kv_out], after `norm` (the layer's input
         norm) when given. Three active LoRA adapters of one rank and scale run as one fused projection
-        (stacked A: one low-rank GEMM each way), on CPU with the norm inside it (`lora_projections`)."""
+        (stacked A: one low-rank GEMM each way; on CPU with the norm inside it): `lora_projections`."""
         mods = (self.q_proj, self.k_proj, self.v_proj)
         fusable = all(getattr(m, "enabled", False) and not (m.dropout > 0 and m.training) for m in mods) and \
             len({(m.r, m.scale) for m in mods}) == 1
-        if fusable and not dispatch.use_triton(x, *(m.weight for m in mods)):
+        if fusable:
             return lora_projections(x, tuple(m.weight for m in mods), tuple(m.lora_A for m in mods),
                                     tuple(m.lora_B for m in mods), mods[0].scale,
                                     norm=(norm.weight, norm.eps) if norm is not None else None)
         if norm is not None:
             x = norm(x)
-        if not fusable:
-            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        # One Triton launch for the three frozen GEMMs with their LoRA terms in the epilogue.
-        return qkv_proj(x, tuple(m.weight.to(x.dtype) for m in mods), tuple(m.lora_A.to(x.dtype) for m in mods),
-                        tuple(m.lora_B.to(x.dtype) for m in mods), mods[0].scale)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, kv_cache: KVCache | None = None,
@@ -60,11 +55,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x, norm)
         q, k = q.view(B, T, self.num_heads, self.head_dim), k.view(B, T, self.num_kv_heads, self.head_dim)
-        if dispatch.use_triton(q, k):
-            q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.eps)
-        else:
-            q = norm_rope(q, self.q_norm.weight, cos, sin, self.eps)
-            k = norm_rope(k, self.k_norm.weight, cos, sin, self.eps)
+        q, k = qk_norm_rope(q, k, self.q_norm.weight, self.k_norm.weight, cos, sin, self.eps)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)

@@ -7,18 +7,11 @@ backward (`linear`). Lossless: the values are the checkpoint's, so results are b
 """
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def recording(*tensors: torch.Tensor) -> bool:
-    """True when autograd records these inputs. Otherwise (generation, reference log-probs) the
-    hand-written ops run their forward math directly: an autograd.Function's bookkeeping costs more
-    than the math itself at decode sizes."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+from triton_kernels.torch_path import cast_weight, recording
 
 
 def stays_narrow(stored: torch.dtype, ndim: int, compute: torch.dtype) -> bool:
@@ -31,32 +24,6 @@ def compacts_by_default(device: torch.device, compute: torch.dtype, full_finetun
     """Whether a LoRA run keeps its frozen matrices narrow: float32 on CPU (bf16 products there run
     ~100x slower, so the weights are cast per product instead; on GPU the run computes in bf16)."""
     return not full_finetune and device.type == "cpu" and compute == torch.float32
-
-
-_cast_workspace = threading.local()
-CAST_WORKSPACE_MAX_BYTES = 64 * 2**20
-
-
-def cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`weight` in `dtype` for one product. A narrow-stored (compacted) weight is copied into one
-    reused per-thread buffer (sized by the largest weight so far): valid until the next cast on this
-    thread, so use it at once. A fresh tensor per cast would cost page faults and heap growth on CPU."""
-    if weight.dtype == dtype:
-        return weight
-    if weight.numel() * dtype.itemsize > CAST_WORKSPACE_MAX_BYTES:  # e.g. a whole LM head: not kept
-        return weight.to(dtype)
-    return workspace(weight.numel(), dtype, weight.device).view(weight.shape).copy_(weight)
-
-
-def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat per-thread scratch tensor of at least `numel` elements (its first `numel` returned),
-    shared by every `cast_weight` of this thread, dtype and device."""
-    buffers = _cast_workspace.__dict__.setdefault("buffers", {})
-    buf = buffers.get((dtype, device))
-    if buf is None or buf.numel() < numel:
-        buffers.pop((dtype, device), None)  # free the smaller buffer before allocating its successor
-        buf = buffers[(dtype, device)] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
 
 
 class _CastLinear(torch.autograd.Function):

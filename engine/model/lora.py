@@ -21,13 +21,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from triton_kernels import dispatch
-from triton_kernels.lora_linear import lora_linear
+from triton_kernels.lora_linear import lora_projections
 
 from engine.errors import EngineError, is_finite_number
 from engine.fsio import atomic_dir
 from engine.model.frozen import Linear, linear
-from engine.model.layers import lora_projections
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_LINEAR_TARGETS = ATTENTION_TARGETS + ("gate_proj", "up_proj", "down_proj")
@@ -76,13 +74,11 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return linear(x, self.weight)
-        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
         if self.dropout > 0 and self.training:
+            a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
             return linear(x, self.weight) + self.scale * F.linear(
                 F.linear(F.dropout(x, self.dropout, True), a), b)
-        if dispatch.use_triton(x, self.weight, a, b):
-            return lora_linear(x, self.weight.to(x.dtype), a, b, self.scale)
-        # The engine's CPU path (as for q/k/v): saves the stored weight, never a cast copy of it.
+        # The fused op (as for q/k/v); on CPU it saves the stored weight, never a cast copy of it.
         return lora_projections(x, (self.weight,), (self.lora_A,), (self.lora_B,), self.scale)[0]
 
     def delta_weight(self) -> torch.Tensor:

@@ -14,8 +14,9 @@ from engine.model.attention import Attention
 from engine.model.qwen3_config import Qwen3Config
 from engine.model.kv_cache import KVCache
 from engine.model.frozen import Embedding, Linear
-from engine.model.layers import MLP, RMSNorm, RotaryEmbedding, serial
+from engine.model.layers import MLP, RMSNorm, RotaryEmbedding
 from engine.model.memory import compact_frozen_weights, compacted_bytes, lean_cpu_allocator
+from triton_kernels.torch_path import serial
 
 
 @dataclasses.dataclass
@@ -36,7 +37,7 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, kv_cache: KVCache | None = None) -> torch.Tensor:
         a = self.self_attn(h, cos, sin, mask, kv_cache, norm=self.input_layernorm)
-        with serial(h):  # residual adds are small: one thread (engine/model/layers.py, `serial`)
+        with serial(h):  # residual adds are small: one thread (`triton_kernels.torch_path.serial`)
             h = h + a
         m = self.mlp(self.post_attention_layernorm(h))
         with serial(h):

@@ -3,6 +3,8 @@
 Update rule (identical to `torch.optim.AdamW`, decoupled weight decay, bias correction), per step t:
     p <- p * (1 - lr*wd);  m <- lerp(m, g, 1-b1);  v <- b2*v + (1-b2)*g*g
     p <- p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
+The update of each bucket is one call of `triton_kernels.adamw.adamw_step_`: the fused Triton kernel on
+CUDA (float32 state), its torch path (the same ops, the denominator a chunk at a time) elsewhere.
 
 Multi-tensor design (why flat buffers): every parameter of a (group, dtype, device) bucket is re-pointed
 (`p.data = view`) into ONE flat buffer and its `.grad` set to a view of ONE flat grad buffer. Autograd
@@ -37,6 +39,7 @@ from safetensors.torch import load_file, save as save_safetensors
 
 from engine.errors import EngineError
 from engine.fsio import atomic_file, write_json
+from triton_kernels.adamw import adamw_step_
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _SUPPORTED = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
@@ -262,17 +265,9 @@ class AdamW:
                     grad.mul_(self._grad_scale)
             else:
                 param, grad = b.flat, b.flat_grad
-            if wd != 0:
-                param.mul_(1 - lr * wd)
-            b.exp_avg.lerp_(grad, 1 - beta1)
-            b.exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            step_size = lr / (1 - beta1 ** t)
-            bias2 = (1 - beta2 ** t) ** 0.5
-            for s0 in range(0, param.numel(), b.scratch.numel()):  # the denominator, a chunk at a time
-                sl = slice(s0, s0 + b.scratch.numel())
-                v = b.exp_avg_sq[sl]
-                denom = torch.sqrt(v, out=b.scratch[:v.numel()]).div_(bias2).add_(eps)
-                param[sl].addcdiv_(b.exp_avg[sl], denom, value=-step_size)
+            # One fused kernel on CUDA (float32 state), the same math in torch elsewhere.
+            adamw_step_(param, grad, b.exp_avg, b.exp_avg_sq, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                        weight_decay=wd, step=t, scratch=b.scratch)
             if b.master is not None:
                 b.flat.copy_(b.master)
         self._grad_scale = 1.0
