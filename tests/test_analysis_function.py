@@ -17,7 +17,7 @@ from engine.errors import EngineError
 from engine.model.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
 from engine.tasks.registry import TaskItem
 from helpers import tiny_model_dir
-from test_analysis_helpers import write_adapter
+from helpers import write_adapter
 
 ITEMS = [TaskItem(f"t{i}", f"What is {a} + {b}?", str(a + b), "test") for i, (a, b) in
          enumerate([(3, 17), (12, 42), (7, 3), (51, 17), (29, 42)])]
@@ -187,7 +187,7 @@ def test_zero_update_gives_nan_not_crash(tmp_path):
 
 
 def test_report_sets_headline_numbers_beside_the_study(tmp_path):
-    from test_analysis_helpers import correlated_runs
+    from helpers import correlated_runs
     dirs = []
     for name, f in zip(("sft", "rft", "grpo", "dpo"), correlated_runs(2, 3, 4, seed=5)):
         dirs.append(write_adapter(tmp_path / name / "step-10", f, r=3, alpha=6))

@@ -11,7 +11,7 @@ import torch
 
 from engine.errors import EngineError
 from triton_kernels import _triton, dispatch, lora_linear
-from triton_kernels.testing import module
+from helpers import module
 
 CPU = torch.zeros(1)
 ROOT = Path(__file__).resolve().parents[1]

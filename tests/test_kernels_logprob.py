@@ -6,7 +6,7 @@ import torch
 
 from engine.errors import EngineError
 from triton_kernels import linear_logprob
-from triton_kernels.testing import (kernel_device, leaf, module, randn_like, rel_err, use_small_tiles,
+from helpers import (kernel_device, leaf, module, randn_like, rel_err, use_small_tiles,
                                     use_triton_path)
 
 DEV = kernel_device()  # Triton-path tests: CUDA if present, else CPU through the interpreter

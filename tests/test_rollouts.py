@@ -1,21 +1,12 @@
-"""Rollout parsing and validation, tokenisation with the completion mask, pairs, step plans."""
+"""Rollout parsing and validation, tokenisation with the completion mask (engine.train.rollouts)."""
 import json
 
 import pytest
-import torch
 
-import engine
-from engine.packing import cheapest_runs
-from engine.train.batching import build_pairs, collate, groups_of, plan_steps, split_micro_batches
+from engine.train.batching import collate
 from engine.train.rollouts import read_rollouts, tokenize_rollouts
 from engine.errors import EngineError
-from helpers import QWEN3_TOKENIZER, write_rollouts
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return engine.load_tokenizer(QWEN3_TOKENIZER)
-
+from helpers import write_rollouts
 
 GOOD = {"prompt": "What is 2+2?", "completion": "#### 4", "reward": 1.0, "group": "a"}
 
@@ -111,57 +102,3 @@ def test_too_long_and_behavior_length(tok, tmp_path):
     with pytest.raises(EngineError, match="behavior log-probs") as info:
         tokenize_rollouts(rollouts, tok, max_len=256, path=str(path))
     assert info.value.line == 1
-
-
-def test_pairs_and_plans(tok, tmp_path):
-    rollouts, _ = read_rollouts(write_rollouts(tmp_path / "r.jsonl", n_groups=9))
-    examples = tokenize_rollouts(rollouts, tok, max_len=256)
-    pairs = build_pairs(examples, seed=3)
-    mixed = [g for g in groups_of(examples) if len({examples[i].reward for i in g}) == 2]
-    assert len(pairs) == len(mixed)
-    for w, l in pairs:
-        assert examples[w].reward == 1 and examples[l].reward == 0 and examples[w].group == examples[l].group
-    assert build_pairs(examples, seed=3) == pairs
-    all_pairs = build_pairs(examples, seed=3, mode="all")
-    assert len(all_pairs) == sum(sum(examples[i].reward == 1 for i in g) * sum(examples[i].reward == 0 for i in g)
-                                 for g in mixed)
-    groups = groups_of(examples)
-    plan = plan_steps(groups, [len(g) for g in groups], batch_size=8, steps=7, seed=1)
-    assert len(plan) == 7 and all(sum(len(groups[u]) for u in step) == 8 for step in plan)
-    # One epoch visits every group once before any repeats.
-    first_epoch = [u for step in plan[:4] for u in step]
-    assert len(set(first_epoch)) == len(first_epoch) == 8
-    lengths = [len(e.ids) for e in examples]
-    for pass_cost in (0, 32, 10 ** 9):
-        micro = split_micro_batches([groups[u] for u in plan[0]], lengths, max_rows=4, pass_cost=pass_cost)
-        assert sorted(i for m in micro for i in m) == sorted(i for u in plan[0] for i in groups[u])
-        assert all(len(m) <= 4 for m in micro)
-        assert all(any(set(groups[u]) <= set(m) for m in micro) for u in plan[0])  # groups stay whole
-
-
-def test_cheapest_runs_against_every_split():
-    """Against all 2^(n-1) ways to cut a few items (sorted widest first) into runs: the least cost with
-    at most max_rows rows per run (a single larger item runs alone), and the fewest runs among equals."""
-    import itertools
-    import random
-    rng = random.Random(0)
-    for _ in range(300):
-        n = rng.randint(1, 8)
-        widths = sorted((rng.randint(1, 60) for _ in range(n)), reverse=True)
-        rows = [rng.choice([1, 1, 2, 4]) for _ in range(n)]
-        pass_cost, max_rows = rng.choice([0, 1, 7, 32, 1000]), rng.choice([None, 1, 4, 6])
-        runs = cheapest_runs(widths, rows, pass_cost, max_rows)
-        assert runs[0][0] == 0 and runs[-1][1] == n
-        assert all(a[1] == b[0] for a, b in zip(runs, runs[1:])) and all(lo < hi for lo, hi in runs)
-
-        def allowed(split):
-            return max_rows is None or all(hi - lo == 1 or sum(rows[lo:hi]) <= max_rows for lo, hi in split)
-
-        def cost(split):
-            return sum(sum(rows[lo:hi]) * widths[lo] + pass_cost for lo, hi in split)
-        splits = [list(zip((0, *cuts), (*cuts, n))) for r in range(n)
-                  for cuts in itertools.combinations(range(1, n), r)]
-        best = min((cost(s), len(s)) for s in splits if allowed(s))
-        assert allowed(runs) and (cost(runs), len(runs)) == best
-    with pytest.raises(ValueError, match="widest first"):
-        cheapest_runs([3, 5], [1, 1], 0)
