@@ -71,8 +71,8 @@ def train(loss, preset, config_path, resume, quiet, **flags) -> None:
     global batch and schedule as one process; rank 0 writes the files)."""
     import losses as loss_registry
     from engine import distributed
-    from engine.train_config import REPO_ROOT, load_config
-    from engine.trainer import train as run_training
+    from engine.train.train_config import REPO_ROOT, load_config
+    from engine.train.trainer import train as run_training
 
     if config_path is None:
         config_path = REPO_ROOT / "configs" / f"{preset or 'cpu'}.toml"
@@ -147,8 +147,8 @@ def _generation_options(f):
 def rollout(max_new_tokens, temperature, top_p, top_k, **flags) -> None:
     """Sample K graded completions per prompt into a rollouts JSONL (the trainer's input)."""
     from engine import distributed
-    from engine.rollout import run_rollout
-    from engine.sampler import SamplingParams
+    from engine.generate.rollout import run_rollout
+    from engine.generate.sampler import SamplingParams
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
     try:
         run_rollout(params=params, echo=click.echo, **flags)
@@ -164,7 +164,7 @@ def rollout(max_new_tokens, temperature, top_p, top_k, **flags) -> None:
 def eval_command(**flags) -> None:
     """Greedy pass@1 with a 95% Wilson interval; per-item results for McNemar."""
     from engine import distributed
-    from engine.rollout import run_eval
+    from engine.generate.rollout import run_eval
     try:
         run_eval(echo=click.echo, **flags)
     finally:
@@ -231,7 +231,7 @@ def analyze(run_dirs, **flags) -> None:
 def demo(out, seeds, loss_names, steps, eval_limit, config_path, workers) -> None:
     """The whole study on the embedded tiny Qwen3: seven runs per seed (the six losses and DPO at their
     learning rate), evaluation and analysis of the two-thirds checkpoint, the summary over seeds."""
-    from engine.study import run_study
+    from engine.recipes.study import run_study
     kwargs = {"config": config_path} if config_path else {}
     report = run_study(out, seeds=_seed_list(seeds), steps=steps, eval_limit=eval_limit,
                        loss_names=loss_names.split(",") if loss_names else None, workers=workers,
@@ -258,8 +258,8 @@ def _seed_list(text: str) -> list[int]:
 @click.option("--rollout-prompts", type=int, default=256, show_default=True)
 def build_embedded_command(out, seed, pretrain_steps, rollout_prompts) -> None:
     """Rebuild the embedded default from scratch: tokenizer, tiny Qwen3 base, K = 4 rollouts."""
-    from engine.embedded import build
-    from engine.train_config import REPO_ROOT
+    from engine.recipes.embedded import build
+    from engine.train.train_config import REPO_ROOT
     build(out or REPO_ROOT / "embedded", seed=seed, pretrain_steps=pretrain_steps,
           rollout_prompts=rollout_prompts, echo=click.echo)
 
@@ -294,8 +294,8 @@ def _bench_options(f):
 
 
 def _bench_spec(model_config, **flags):
-    from engine.bench import BenchSpec
-    from engine.tasks import QWEN3_CONFIGS
+    from engine.recipes.train_step_bench import BenchSpec
+    from engine.tasks.registry import QWEN3_CONFIGS
     if model_config is None:
         model_config = QWEN3_CONFIGS / "Qwen3-0.6B.json"
     spec = BenchSpec(model_config=str(model_config), **flags)
@@ -314,7 +314,7 @@ def _bench_spec(model_config, **flags):
 def bench(json_path, max_seq, sides, **flags) -> None:
     """Training step, this engine vs transformers + PEFT side by side: tokens/s, step time, peak memory, MFU."""
     from benchmarks.bench_train import SIDES, find_max_seq, format_table, run_bench
-    from engine.bench import save_result
+    from engine.recipes.train_step_bench import save_result
     from engine.outputs import claim
     if json_path:
         claim(json_path, "bench")  # an existing file that is not a result is refused before the run
@@ -343,7 +343,7 @@ def bench(json_path, max_seq, sides, **flags) -> None:
 def profile(train_step, ops, json_path, **flags) -> None:
     """Kernel profiler (each fused kernel against its torch reference), or one training step by phase."""
     if train_step:
-        from engine.bench import format_profile, profile_train_step, save_result
+        from engine.recipes.train_step_bench import format_profile, profile_train_step, save_result
         result = profile_train_step(_bench_spec(**flags), top_ops=ops, log=click.echo)
         click.echo(format_profile(result))
     else:

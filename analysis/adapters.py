@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from engine.config import Qwen3Config
+from engine.model.qwen3_config import Qwen3Config
 from engine.errors import EngineError
-from engine.lora import PEFT_PREFIX, read_adapter_config
+from engine.model.lora import PEFT_PREFIX, read_adapter_config
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 _KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>[AB])(?:\.default)?\.weight$")

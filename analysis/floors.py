@@ -5,7 +5,7 @@ subspace is still the shared initial A (protocol section 4, "Noise floors").
   independent uniformly random k-dimensional subspaces of each module's dimension, averaged over trials.
   An observed median angle near it means "no more aligned than chance".
 - `init_alignment`: each run's top-k right singular subspace against the row space of its initial A
-  (regenerated from the run's seed exactly as `engine.lora.apply_lora` drew it). Every run of one seed
+  (regenerated from the run's seed exactly as `engine.model.lora.apply_lora` drew it). Every run of one seed
   starts from the same A, and A moves little at small learning rates, so right-side angles between two
   runs of one seed can be small because of the shared init rather than the losses; this shows how much.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from engine.lora import initial_lora_a
+from engine.model.lora import initial_lora_a
 
 from .adapters import AdapterSet
 from .linalg import factored_svd, principal_angles

@@ -17,9 +17,9 @@ from torch import nn
 from tqdm import tqdm
 
 from engine.errors import EngineError
-from engine.lora import LoRAConfig, apply_lora, lora_modules
-from engine.logprobs import token_logprobs
-from engine.tasks import TaskItem, build_prompt
+from engine.model.lora import LoRAConfig, apply_lora, lora_modules
+from engine.model.logprobs import token_logprobs
+from engine.tasks.registry import TaskItem, build_prompt
 
 from .adapters import AdapterSet
 from .cka import MinibatchCKA, gram, pairwise_cka_from_grams
@@ -163,10 +163,10 @@ class PathAccuracy:
         self._records: dict[tuple[float, ...], list[dict]] = {}
 
     def records(self, coefs: Sequence[float]) -> list[dict]:
-        """Per-item eval records (engine.rollout.evaluate_items) of the model at `coefs`."""
+        """Per-item eval records (engine.generate.rollout.evaluate_items) of the model at `coefs`."""
         key = tuple(float(c) for c in coefs)
         if key not in self._records:
-            from engine.rollout import evaluate_items
+            from engine.generate.rollout import evaluate_items
             self.setter.set(key)
             self._records[key], _ = evaluate_items(self.setter.model, self.tokenizer, self.items, **self.options)
         return self._records[key]

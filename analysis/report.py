@@ -104,18 +104,34 @@ def _headline(metrics: dict) -> list[str]:
 
 
 def render(metrics: dict) -> str:
-    names = [r["name"] for r in metrics["runs"]]
-    geo = metrics["geometry"]
+    """report.md's text: one section after another, each from its part of metrics.json."""
+    lines = _runs_section(metrics)
+    lines += _headline(metrics)
+    lines += render_verdicts(metrics) + render_base_alignment(metrics)
+    lines += _cosine_section(metrics)
+    lines += _norms_section(metrics)
+    lines += _function_space_section(metrics.get("function_space"))
+    lines += _evaluation_section(metrics.get("evaluation"))
+    if metrics.get("plots"):
+        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in metrics["plots"]]
+    return "\n".join(lines) + "\n"
+
+
+def _runs_section(metrics: dict) -> list[str]:
     lines = ["# LoRA update geometry report", ""]
     lines += _table(["run", "adapter", "r", "alpha", "scale", "base"],
                     [[r["name"], f"`{r['adapter_dir']}`", str(r["r"]), f"{r['lora_alpha']:g}", f"{r['scale']:g}",
                       str(r["base_model"])] for r in metrics["runs"]])
     lines += ["", f"{len(metrics['modules'])} adapted modules over {len(metrics['layers'])} layers; "
               f"schema: docs/analysis.md.", ""]
-    lines += _headline(metrics)
-    lines += render_verdicts(metrics) + render_base_alignment(metrics)
+    return lines
 
-    lines += ["## Cosine similarity of Delta W (all modules)", ""]
+
+def _cosine_section(metrics: dict) -> list[str]:
+    """Cosine of the updates (global, then per module type) and the principal angles of each pair."""
+    names = [r["name"] for r in metrics["runs"]]
+    geo = metrics["geometry"]
+    lines = ["## Cosine similarity of Delta W (all modules)", ""]
     lines += _table(["", *names], [[a, *[_f(c) for c in row]] for a, row in zip(names, geo["cosine"]["global"])])
     pairs = metrics["pairs"]
     if pairs:
@@ -124,21 +140,32 @@ def render(metrics: dict) -> str:
         idx = {n: i for i, n in enumerate(names)}
         lines += _table(["pair", *types], [[f"{a}-{b}", *[_f(geo["cosine"]["per_type"][t][idx[a]][idx[b]]) for t in types]]
                                            for a, b in pairs])
-        pa = geo["principal_angles"]
-        lines += ["", f"## Principal angles between top-{pa['k']} singular subspaces (degrees, median [IQR] over modules)",
-                  ""]
-
-        def cell(side: str, which: str, k: int) -> str:
-            q = pa[side][which]
-            return f"{_f(q['median'][k], 1)} [{_f(q['q25'][k], 1)}, {_f(q['q75'][k], 1)}]"
-        lines += _table(["pair", "left smallest", f"left {pa['k']}-th", "right smallest", f"right {pa['k']}-th",
-                         "median abs(<u1, u1'>)", "median abs(<v1, v1'>)"],
-                        [[f"{a}-{b}", cell("left", "smallest", k), cell("left", "kth", k), cell("right", "smallest", k),
-                          cell("right", "kth", k), _f(geo["alignment"]["u1"]["median"][k]),
-                          _f(geo["alignment"]["v1"]["median"][k])] for k, (a, b) in enumerate(pairs)])
+        lines += _angles_section(geo, pairs)
         lines += _angle_controls(geo, names)
+    return lines
 
-    lines += ["", "## Norms and effective ranks", ""]
+
+def _angles_section(geo: dict, pairs: list) -> list[str]:
+    pa = geo["principal_angles"]
+    lines = ["", f"## Principal angles between top-{pa['k']} singular subspaces (degrees, median [IQR] over modules)",
+             ""]
+
+    def cell(side: str, which: str, k: int) -> str:
+        q = pa[side][which]
+        return f"{_f(q['median'][k], 1)} [{_f(q['q25'][k], 1)}, {_f(q['q75'][k], 1)}]"
+    lines += _table(["pair", "left smallest", f"left {pa['k']}-th", "right smallest", f"right {pa['k']}-th",
+                     "median abs(<u1, u1'>)", "median abs(<v1, v1'>)"],
+                    [[f"{a}-{b}", cell("left", "smallest", k), cell("left", "kth", k), cell("right", "smallest", k),
+                      cell("right", "kth", k), _f(geo["alignment"]["u1"]["median"][k]),
+                      _f(geo["alignment"]["v1"]["median"][k])] for k, (a, b) in enumerate(pairs)])
+    return lines
+
+
+def _norms_section(metrics: dict) -> list[str]:
+    """Norms, effective ranks and (with a reference run) the orthogonal fraction, overall and per layer."""
+    names = [r["name"] for r in metrics["runs"]]
+    geo = metrics["geometry"]
+    lines = ["", "## Norms and effective ranks", ""]
     norms = geo["norms"]
     of = geo.get("orthogonal_fraction")
     header = ["run", "Frobenius norm (global)", "median module norm", "median effective rank"]
@@ -165,49 +192,54 @@ def render(metrics: dict) -> str:
                         [[str(layer), *[f"{_f(geo['cosine']['per_layer'][li][ref][i])} / "
                                         f"{_f(of['vector']['per_layer'][i][li])}" for i in others]]
                          for li, layer in enumerate(metrics["layers"])])
+    return lines
 
-    fs = metrics.get("function_space")
-    if fs:
-        lines += ["", f"## Function space ({fs['task']}/{fs['split']}, {fs['n_items']} items, answer style "
-                  f"{fs['style']})", ""]
-        if fs.get("lmc"):
-            lines += ["Linear mode connectivity, W(alpha) = W0 + alpha Delta_a + (1 - alpha) Delta_b; loss = mean "
-                      "token cross-entropy (nats/token), teacher-forced, of the gold worked solution and the stop "
-                      "token after the prompt (the format the model writes). Barrier = the largest height of the "
-                      "curve above the straight line between its endpoints (0 when the path is convex). "
-                      "Accuracy = greedy pass@1 on the same items at b, the midpoint and a.", ""]
-            lines += _table(["a", "b", "L(b)", "L(mid)", "L(a)", "barrier above line", "midpoint - mean ends",
-                             "acc b / mid / a"],
-                            [[c["a"], c["b"], _f(c["loss"][c["alphas"].index(0.0)], 4),
-                              _f(c["loss"][c["alphas"].index(0.5)], 4) if 0.5 in c["alphas"] else "n/a",
-                              _f(c["loss"][c["alphas"].index(1.0)], 4), _f(c["barrier"], 4),
-                              _f(c["barrier_midpoint"], 4), _path_accuracy(c.get("accuracy"))] for c in fs["lmc"]])
-            lines += [""]
-        if fs.get("cka"):
-            cka = fs["cka"]
-            third = max(1, len(cka["layers"]) // 3)
-            rows = []
-            for (a, b), vals in zip(cka["pairs"], cka["per_layer"]):
-                v = [x for x in vals if x is not None]
-                low = min(range(len(vals)), key=lambda i: vals[i] if vals[i] is not None else math.inf)
-                tail = [x for x in vals[-third:] if x is not None]
-                rows.append([f"{a}-{b}", _f(min(v) if v else None), str(cka["layers"][low]), _f(sum(v) / len(v) if v else None),
-                             _f(sum(tail) / len(tail) if tail else None)])
-            lines += [f"Per-layer CKA ({cka['mode']}; per-layer values in metrics.json and cka_per_layer.png):", ""]
-            lines += _table(["pair", "min", "layer of min", "mean", f"mean over last {third} layers"], rows)
-            lines += [""]
 
-    ev = metrics.get("evaluation")
-    if ev:
-        for task, res in ev.items():
-            lines += ["", f"## Accuracy: {task}", ""]
-            lines += _table(["run", "accuracy", "95% interval (Wilson)", "correct / n"],
-                            [[n, _f(a["accuracy"], 4), f"[{_f(a['ci95'][0], 4)}, {_f(a['ci95'][1], 4)}]",
-                              f"{a['correct']} / {a['n']}"] for n, a in res["accuracy"].items()])
-            lines += ["", "McNemar (b = a right and b wrong, c = the reverse):", ""]
-            lines += _table(["run a", "run b", "b", "c", "p exact", "p mid"],
-                            [[m["run_a"], m["run_b"], str(m["b"]), str(m["c"]), _p(m["p_exact"]), _p(m["p_mid"])]
-                             for m in res["mcnemar"]])
-    if metrics.get("plots"):
-        lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in metrics["plots"]]
-    return "\n".join(lines) + "\n"
+def _function_space_section(fs: dict | None) -> list[str]:
+    """Linear mode connectivity and per-layer CKA, when the analysis ran the models."""
+    if not fs:
+        return []
+    lines = ["", f"## Function space ({fs['task']}/{fs['split']}, {fs['n_items']} items, answer style "
+             f"{fs['style']})", ""]
+    if fs.get("lmc"):
+        lines += ["Linear mode connectivity, W(alpha) = W0 + alpha Delta_a + (1 - alpha) Delta_b; loss = mean "
+                  "token cross-entropy (nats/token), teacher-forced, of the gold worked solution and the stop "
+                  "token after the prompt (the format the model writes). Barrier = the largest height of the "
+                  "curve above the straight line between its endpoints (0 when the path is convex). "
+                  "Accuracy = greedy pass@1 on the same items at b, the midpoint and a.", ""]
+        lines += _table(["a", "b", "L(b)", "L(mid)", "L(a)", "barrier above line", "midpoint - mean ends",
+                         "acc b / mid / a"],
+                        [[c["a"], c["b"], _f(c["loss"][c["alphas"].index(0.0)], 4),
+                          _f(c["loss"][c["alphas"].index(0.5)], 4) if 0.5 in c["alphas"] else "n/a",
+                          _f(c["loss"][c["alphas"].index(1.0)], 4), _f(c["barrier"], 4),
+                          _f(c["barrier_midpoint"], 4), _path_accuracy(c.get("accuracy"))] for c in fs["lmc"]])
+        lines += [""]
+    if fs.get("cka"):
+        cka = fs["cka"]
+        third = max(1, len(cka["layers"]) // 3)
+        rows = []
+        for (a, b), vals in zip(cka["pairs"], cka["per_layer"]):
+            v = [x for x in vals if x is not None]
+            low = min(range(len(vals)), key=lambda i: vals[i] if vals[i] is not None else math.inf)
+            tail = [x for x in vals[-third:] if x is not None]
+            rows.append([f"{a}-{b}", _f(min(v) if v else None), str(cka["layers"][low]), _f(sum(v) / len(v) if v else None),
+                         _f(sum(tail) / len(tail) if tail else None)])
+        lines += [f"Per-layer CKA ({cka['mode']}; per-layer values in metrics.json and cka_per_layer.png):", ""]
+        lines += _table(["pair", "min", "layer of min", "mean", f"mean over last {third} layers"], rows)
+        lines += [""]
+    return lines
+
+
+def _evaluation_section(ev: dict | None) -> list[str]:
+    """Accuracy with its Wilson interval, and McNemar's test between runs, per evaluated task."""
+    lines: list[str] = []
+    for task, res in (ev or {}).items():
+        lines += ["", f"## Accuracy: {task}", ""]
+        lines += _table(["run", "accuracy", "95% interval (Wilson)", "correct / n"],
+                        [[n, _f(a["accuracy"], 4), f"[{_f(a['ci95'][0], 4)}, {_f(a['ci95'][1], 4)}]",
+                          f"{a['correct']} / {a['n']}"] for n, a in res["accuracy"].items()])
+        lines += ["", "McNemar (b = a right and b wrong, c = the reverse):", ""]
+        lines += _table(["run a", "run b", "b", "c", "p exact", "p mid"],
+                        [[m["run_a"], m["run_b"], str(m["b"]), str(m["c"]), _p(m["p_exact"]), _p(m["p_mid"])]
+                         for m in res["mcnemar"]])
+    return lines

@@ -88,7 +88,7 @@ def function_space_section(aset: AdapterSet, base, ref: int, *, task: str, split
                            path_accuracy_alphas: Sequence[float] = (0.0, 0.5, 1.0),
                            max_new_tokens: int = 1024) -> dict:
     from engine import load_tokenizer
-    from engine.tasks import default_style, load_task
+    from engine.tasks.registry import default_style, load_task
 
     from .function_space import PathAccuracy, layer_cka, lmc_curve, load_function_model, prompt_batches, solution_batches
     if lmc_points < 2:

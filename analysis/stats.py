@@ -14,7 +14,7 @@ from typing import Sequence
 
 from engine.errors import EngineError
 from engine.fsio import jsonl_objects
-from engine.rollout import wilson_interval
+from engine.generate.rollout import wilson_interval
 
 
 def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:

@@ -1,4 +1,4 @@
-"""Generation throughput: engine.sampler.generate against transformers' generate, same weights, same run.
+"""Generation throughput: engine.generate.sampler.generate against transformers' generate, same weights, same run.
 
     .venv/bin/python benchmarks/bench_generate.py                  # the embedded model's shape, batch 32
     .venv/bin/python benchmarks/bench_generate.py --vocab 151936   # with the full Qwen3 vocabulary
@@ -26,8 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
-from engine.sampler import SamplingParams, generate  # noqa: E402
-from engine.synthetic import TINY_CONTEXT, TINY_MODEL, TINY_VOCAB  # noqa: E402
+from engine.generate.sampler import SamplingParams, generate  # noqa: E402
+from engine.recipes.embedded_inputs import TINY_CONTEXT, TINY_MODEL, TINY_VOCAB  # noqa: E402
 
 # The embedded demo model's shape.
 SHAPE = {**TINY_MODEL, "max_position_embeddings": TINY_CONTEXT}

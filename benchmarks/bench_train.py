@@ -3,7 +3,7 @@
     python cli.py bench --model-config CONFIG_JSON --batch B --seq T [--loss sft|dpo|grpo] [--steps N]
 
 The HF side: transformers' Qwen3ForCausalLM (SDPA attention, the default) with PEFT LoRA on q, k, v, o,
-built with the engine's random weights and LoRA init (engine/bench.py), trained the way a transformers
+built with the engine's random weights and LoRA init (engine/recipes/train_step_bench.py), trained the way a transformers
 user would: SFT through `model(..., labels=...)` (HF's cross-entropy over full [B, T, V] logits), DPO /
 GRPO through full logits -> log_softmax -> gather (TRL's way) into the same `losses` function as the
 engine; torch.optim.AdamW (fused on CUDA, as HF's Trainer picks) with clip_grad_norm_ at 1.0.
@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.bench import (BenchSpec, EngineRunner, device_name, device_peak_flops, fill_random_, gib,  # noqa: E402
+from engine.recipes.train_step_bench import (BenchSpec, EngineRunner, device_name, device_peak_flops, fill_random_, gib,  # noqa: E402
                           init_lora_a, loss_of, make_batch, memory_report, reset_peak, step_flops, sync)
 from engine.childproc import die_with_parent  # noqa: E402
 from engine.errors import EngineError  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import EngineError
+from engine.errors import EngineError
 
 SUPPORTED = ("cpu", "cuda", "mps")
 

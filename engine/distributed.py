@@ -1,7 +1,7 @@
 """Data-parallel training over torch.distributed (launched by `torchrun --nproc-per-node N cli.py ...`).
 
 Design (DDP-style, by hand rather than `DistributedDataParallel`, because the trainable state is a
-few flat buffers in `engine.optim.AdamW`):
+few flat buffers in `engine.train.optim.AdamW`):
 - every rank holds the whole LoRA adapter (replicated) and takes a deterministic share of each
   step's units (groups / DPO pairs), balanced by token count (`share_units`);
 - the step normaliser is all-reduced before the forward passes, so each rank's loss is already
@@ -42,8 +42,8 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from .devices import resolve_device
-from .errors import EngineError, TrainingDiverged
+from engine.devices import resolve_device
+from engine.errors import EngineError, TrainingDiverged
 
 T = TypeVar("T")
 
@@ -146,11 +146,11 @@ def all_reduce_tensor_(ctx: DistContext, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_gradients(ctx: DistContext, optimizer) -> None:
-    """SUM every flat gradient buffer of `engine.optim.AdamW` over ranks: one all-reduce per
+    """SUM every flat gradient buffer of `engine.train.optim.AdamW` over ranks: one all-reduce per
     (group, dtype, device) bucket, launched together, then waited on."""
     if not ctx.enabled:
         return
-    optimizer._adopt_grads()  # grads re-attached as views of the flat buffers (see engine.optim)
+    optimizer._adopt_grads()  # grads re-attached as views of the flat buffers (see engine.train.optim)
     _keep(*(b.flat_grad for b in optimizer._buckets))
     works = [dist.all_reduce(b.flat_grad, async_op=True) for b in optimizer._buckets]
     for w in works:
@@ -226,38 +226,6 @@ def on_main(ctx: DistContext, fn: Callable[[], T]) -> T:
                               line=outcome["line"], field=outcome["field"])
         raise TrainingDiverged(outcome["text"])
     return outcome["ok"]
-
-
-# ---- reference log-probs ------------------------------------------------------------------------
-def reference_logps(ctx: DistContext, model: torch.nn.Module, examples: Sequence, pad_id: int,
-                    cache_dir, micro_batch_size: int) -> list[torch.Tensor]:
-    """engine.refcache's cached reference log-probs, per example [len(ids) - prompt_len], on every
-    rank. Replicated model: rank 0 loads or computes (and caches) them, then broadcasts them.
-    FSDP: every rank must run the forwards together, so each computes a contiguous share (padded
-    with idle forwards to the same count) and a SUM of zero-filled buffers assembles the whole;
-    not cached (one forward over the data, less than an epoch of training)."""
-    from .refcache import compute_ref_logps, load_or_compute
-    if not ctx.enabled:
-        return load_or_compute(model, examples, pad_id, cache_dir, micro_batch_size)
-    offsets = [0]
-    for e in examples:
-        offsets.append(offsets[-1] + len(e.ids) - e.prompt_len)
-    flat = torch.zeros(offsets[-1], dtype=torch.float32)
-    if is_sharded(model):
-        mine = shard_indices(len(examples), ctx.rank, ctx.world_size)
-        for i, lp in zip(mine, compute_ref_logps(model, [examples[i] for i in mine], pad_id, micro_batch_size)):
-            flat[offsets[i]:offsets[i + 1]] = lp
-        passes = -(-len(mine) // micro_batch_size)
-        with torch.no_grad():
-            for _ in range(max(gather_json(ctx, passes)) - passes):
-                model.forward_hidden(torch.tensor([examples[0].ids], device=ctx.device))
-        all_reduce_tensor_(ctx, flat)
-    else:
-        def compute() -> None:
-            flat.copy_(torch.cat(load_or_compute(model, examples, pad_id, cache_dir, micro_batch_size)))
-        on_main(ctx, compute)
-        broadcast_tensors_(ctx, [flat])
-    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(examples))]
 
 
 # ---- FSDP2 -------------------------------------------------------------------------------------

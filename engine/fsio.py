@@ -13,8 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import EngineError
-from .jsonread import check_line_size
+from engine.errors import EngineError
+from engine.jsonread import check_line_size
 
 
 JSON_WHITESPACE = " \t\r\n"  # the only characters JSON allows between values

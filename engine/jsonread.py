@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import EngineError
+from engine.errors import EngineError
 
 
 # A JSON-lines record past this many bytes (or characters) is refused before it is parsed or tokenised: a

@@ -14,10 +14,10 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .errors import EngineError
-from .fsio import jsonl_lines
+from engine.errors import EngineError
+from engine.fsio import jsonl_lines
 
-# Keys every rollout record written by engine.rollout holds (older files and hand-made ones that lack
+# Keys every rollout record written by engine.generate.rollout holds (older files and hand-made ones that lack
 # them are still readable by the trainer; they are just not resumed into).
 ROLLOUT_KEYS = frozenset({"prompt", "completion", "reward", "group", "source"})
 # json.dumps of a rollout record starts with its first key: a torn last line of ours starts like this.

@@ -16,7 +16,7 @@ from analysis import base_svd
 from analysis.base_alignment import EPS_GRID, intruder_counts, module_alignment, top_svd_core
 from analysis.base_svd import load_base_svd
 from engine.errors import EngineError
-from test_analysis_helpers import SHAPES, random_factors, write_adapter
+from helpers import SHAPES, random_factors, write_adapter
 
 
 def _rng() -> tuple[np.random.Generator, int]:

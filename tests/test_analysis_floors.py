@@ -11,9 +11,9 @@ import torch
 from analysis.adapters import load_adapters
 from analysis.floors import init_alignment, principal_angle_floors, random_angle_floor, run_seed
 from engine import Qwen3Config, Qwen3ForCausalLM
-from engine.lora import LoRAConfig, apply_lora, initial_lora_a, lora_modules
+from engine.model.lora import LoRAConfig, apply_lora, initial_lora_a, lora_modules
 from helpers import tiny_config
-from test_analysis_helpers import SHAPES, random_factors, write_adapter
+from helpers import SHAPES, random_factors, write_adapter
 
 
 def test_random_line_angles_match_their_closed_forms():

@@ -15,10 +15,10 @@ from analysis.function_space import (DeltaSetter, PathAccuracy, layer_cka, lmc_c
                                      solution_batches)
 from engine import load_model, load_tokenizer
 from engine.errors import EngineError
-from engine.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
-from engine.tasks import TaskItem
+from engine.model.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
+from engine.tasks.registry import TaskItem
 from helpers import tiny_model_dir
-from test_analysis_helpers import write_adapter
+from helpers import write_adapter
 
 ITEMS = [TaskItem(f"t{i}", f"What is {a} + {b}?", str(a + b), "test", f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}")
          for i, (a, b) in enumerate([(3, 17), (12, 42), (7, 3), (51, 17), (29, 42)])]
@@ -199,7 +199,7 @@ def test_zero_update_gives_nan_not_crash(tmp_path):
 
 
 def test_report_sets_headline_numbers_beside_the_study(tmp_path):
-    from test_analysis_helpers import correlated_runs
+    from helpers import correlated_runs
     dirs = []
     for name, f in zip(("sft", "rft", "grpo", "dpo"), correlated_runs(2, 3, 4, seed=5)):
         dirs.append(write_adapter(tmp_path / name / "step-10", f, r=3, alpha=6))
@@ -219,7 +219,7 @@ def test_report_sets_headline_numbers_beside_the_study(tmp_path):
 def test_path_accuracy_is_the_eval_of_the_merged_midpoint(setup):
     """Greedy completions at alpha = 1/2 equal `evaluate_items` on W0 + Delta_1/2 + Delta_2/2 merged into the
     weights by hand; each coefficient vector is generated once, however many pairs share it."""
-    from engine.rollout import evaluate_items
+    from engine.generate.rollout import evaluate_items
     base, runs = setup
     aset = load_adapters(runs, base)
     tok = load_tokenizer(base)

@@ -15,7 +15,7 @@ from analysis.adapters import load_adapters
 from analysis.geometry import compute_geometry, summarize
 from analysis.linalg import factored_svd, frobenius_inner
 from engine.errors import EngineError
-from test_analysis_helpers import SHAPES, correlated_runs, delta, random_factors, write_adapter
+from helpers import SHAPES, correlated_runs, delta, random_factors, write_adapter
 
 
 def _orthonormal(n: int, k: int, gen: torch.Generator) -> torch.Tensor:

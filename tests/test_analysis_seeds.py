@@ -9,7 +9,7 @@ import torch
 
 import analysis
 from analysis.seeds import write_seed_summary
-from test_analysis_helpers import delta, random_factors, write_adapter
+from helpers import delta, random_factors, write_adapter
 
 
 def _dense_cosine(fa: dict, fb: dict, scale: float) -> float:

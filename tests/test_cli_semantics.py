@@ -143,7 +143,7 @@ def test_resume_refuses_a_changed_run(tiny, tmp_path):
 
 def test_damaged_adapters_and_weights_are_refused(tmp_path):
     from engine import load_model
-    from engine.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
+    from engine.model.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
     model = load_model(EMBEDDED, device="cpu")
     apply_lora(model, LoRAConfig(r=2, alpha=4.0))
     with torch.no_grad():
@@ -168,7 +168,7 @@ def test_damaged_adapters_and_weights_are_refused(tmp_path):
 
 
 def test_train_reads_every_record_the_rollout_writer_writes(tmp_path):
-    """An immediate stop (empty completion, the stop token sampled first) as engine.rollout writes it."""
+    """An immediate stop (empty completion, the stop token sampled first) as engine.generate.rollout writes it."""
     out = tmp_path / "r.jsonl"
     made = run_cli("rollout", "--model", EMBEDDED, "--task", "synthetic", "--limit", 2, "--k", 2,
                    "--max-new-tokens", 8, "--device", "cpu", "--out", out)

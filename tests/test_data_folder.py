@@ -9,7 +9,7 @@ import sys
 
 from helpers import DATA, REPO
 
-import engine.tasks
+import engine.tasks.registry
 
 
 def _listed() -> dict[str, str]:
@@ -29,9 +29,9 @@ def test_every_data_file_is_listed_with_its_sha256():
 
 def test_engine_defaults_to_the_repository_data(monkeypatch):
     monkeypatch.delenv("ENGINE_DATA_DIR", raising=False)
-    assert engine.tasks.default_data_dir() == DATA == engine.tasks.DATA_DIR
-    assert engine.tasks.QWEN3_CONFIGS == DATA / "qwen3-configs"
-    assert len(engine.tasks.load_task("gsm8k", "test", limit=2)) == 2
+    assert engine.tasks.registry.default_data_dir() == DATA == engine.tasks.registry.DATA_DIR
+    assert engine.tasks.registry.QWEN3_CONFIGS == DATA / "qwen3-configs"
+    assert len(engine.tasks.registry.load_task("gsm8k", "test", limit=2)) == 2
 
 
 def test_no_tracked_code_reads_the_shared_folder():

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from engine.distributed import share_units, shard_indices
-from engine.train_config import load_config
-from engine.trainer import train
+from engine.train.train_config import load_config
+from engine.train.trainer import train
 from helpers import REPO, tiny_model_dir, write_rollouts
 from test_faults import one_thread  # the torchrun workers run one thread each; so does the reference
 
@@ -141,7 +141,7 @@ import sys, torch
 sys.path.insert(0, sys.argv[1])
 from engine import distributed
 from engine.errors import EngineError
-from engine.optim import AdamW
+from engine.train.optim import AdamW
 
 ctx = distributed.setup()
 rank = ctx.rank

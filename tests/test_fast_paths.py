@@ -1,12 +1,17 @@
 """The hand-written training fast paths equal float64 references, values and gradients, on fresh
 random inputs with odd shapes: RMSNorm, q/k norm + RoPE, SwiGLU, fused LoRA projections and the LM-head
 log-prob with its Jacobian formed in the forward."""
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from engine import frozen, layers, logprobs
+from engine.model import frozen, layers, logprobs
 from engine.errors import EngineError
+from helpers import apply_rope
+from triton_kernels.lora_linear import lora_projections_torch
+from triton_kernels.qk_norm_rope import norm_rope
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,8 +48,8 @@ def test_rms_norm_and_norm_rope(dtype, tol):
     _check(lambda x, w: layers.rms_norm(x, w, 1e-6), _ref_norm, [x, w], (0, 1), tol)
 
     def ref(x, w):
-        return layers.apply_rope(_ref_norm(x, w), cos.double(), sin.double())
-    _check(lambda x, w: layers.norm_rope(x, w, cos, sin, 1e-6), ref, [x, w], (0, 1), tol)
+        return apply_rope(_ref_norm(x, w), cos.double(), sin.double())
+    _check(lambda x, w: norm_rope(x, w, cos, sin, 1e-6), ref, [x, w], (0, 1), tol)
 
 
 def test_norm_backward_leaves_the_incoming_grad_alone():
@@ -74,7 +79,7 @@ def test_lora_projections(outs, with_norm):
 
     def fn(x, *p):
         norm = (p[2 * K], eps) if with_norm else None
-        return layers.lora_projections(x, tuple(ws), p[:K], p[K:2 * K], 1.7, norm=norm)
+        return lora_projections_torch(x, tuple(ws), p[:K], p[K:2 * K], 1.7, norm=norm)
 
     def ref(x, *p):
         if with_norm:
@@ -106,7 +111,8 @@ def test_head_logprob_without_grad_on_a_compacted_head(N, V, H, buffer, monkeypa
     h = torch.randn(N, H)
     t = torch.randint(0, V, (N,))
     t[0] = V - 1
-    monkeypatch.setattr(logprobs, "linear_logprob", lambda *a: pytest.fail("the whole head was cast"))
+    monkeypatch.setattr(sys.modules["triton_kernels.linear_logprob"], "linear_logprob",
+                        lambda *a: pytest.fail("the whole head was cast"))
     with torch.no_grad():
         got = logprobs.head_logprob(h, W, t, buffer)
     want = torch.log_softmax(h.double() @ W.double().t(), -1).gather(1, t[:, None])[:, 0]
@@ -145,10 +151,10 @@ def test_no_grad_paths_equal_the_autograd_ones():
     wide, narrow = torch.randn(2, 7, 9), torch.randn(11, 9).bfloat16()
     cases = [
         lambda t: layers.rms_norm(x * t, w, 1e-6),
-        lambda t: layers.norm_rope(x * t, w, cos, sin, 1e-6),
+        lambda t: norm_rope(x * t, w, cos, sin, 1e-6),
         lambda t: layers.swiglu(g * t, u),
-        lambda t: layers.lora_projections(h * t, ws, As, Bs, 1.3)[1],
-        lambda t: layers.lora_projections(h * t, ws, As, Bs, 1.3, norm=(w[:9], 1e-6))[0],
+        lambda t: lora_projections_torch(h * t, ws, As, Bs, 1.3)[1],
+        lambda t: lora_projections_torch(h * t, ws, As, Bs, 1.3, norm=(w[:9], 1e-6))[0],
         lambda t: frozen.linear(wide * t, narrow),
     ]
     for case in cases:
@@ -160,7 +166,7 @@ def test_no_grad_paths_equal_the_autograd_ones():
 
 @pytest.mark.parametrize("H,KV,S,padded", [(6, 2, 13, True), (4, 4, 1, False), (5, 1, 30, True)])
 def test_decode_attention_matches_sdpa(H, KV, S, padded):
-    from engine.attention import decode_attention
+    from engine.model.attention import decode_attention
     B, D = 3, 8
     q, k, v = torch.randn(B, H, 1, D), torch.randn(B, KV, S, D), torch.randn(B, KV, S, D)
     mask = None

@@ -4,7 +4,7 @@ writer is refused, and a non-finite gradient stops the run keeping the last good
 
 The kills are real: `cli.py train` subprocesses get SIGKILL, either from the test at a random moment
 of training or from themselves at an exact point of a checkpoint write (ENGINE_TEST_FAULT, a
-test-only hook in engine/checkpointing.py)."""
+test-only hook in engine/train/checkpoints.py)."""
 import contextlib
 import errno
 import json
@@ -23,10 +23,10 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import engine.fsio
-from engine import checkpointing as ckpt
+from engine.train import checkpoints as ckpt
 from engine.errors import EngineError
-from engine.train_config import load_config
-from engine.trainer import train
+from engine.train.train_config import load_config
+from engine.train.trainer import train
 from helpers import REPO, tiny_model_dir, write_rollouts
 
 LOSS, STEPS = "grpo", 10
@@ -351,10 +351,10 @@ def test_recover_tidies_what_a_kill_leaves(tmp_path):
 def test_written_files_get_the_usual_permissions(tmp_path):
     """Model and adapter directories are readable by the group and others under the usual umask
     (safetensors' save_file alone makes 0600 files; a copied read-only file would stay read-only)."""
-    from engine.checkpoint import save_model
-    from engine.config import Qwen3Config
-    from engine.lora import LoRAConfig, apply_lora, save_adapter
-    from engine.model import Qwen3ForCausalLM
+    from engine.model.weights import save_model
+    from engine.model.qwen3_config import Qwen3Config
+    from engine.model.lora import LoRAConfig, apply_lora, save_adapter
+    from engine.model.qwen3 import Qwen3ForCausalLM
     from helpers import tiny_config
     before = os.umask(0o022)
     try:

@@ -1,57 +1,28 @@
 """Hardened inputs: property-based fuzzing (hypothesis) of the rollouts parser, the TOML config loader
-and the adapter loader on random and mutated inputs -- nothing but EngineError ever comes out, and it
-names the file, the line and the field. (Untrusted-file checks: tests/test_untrusted_files.py.)
+on random and mutated inputs -- nothing but EngineError ever comes out, and it names the file, the line
+and the field. (The adapter loader's fuzzing: tests/test_lora.py; untrusted files: tests/test_untrusted_files.py.)
 
-Example counts are modest (see MAX_EXAMPLES) so the file stays fast; the counts actually tried are
+Example counts are modest (see helpers.MAX_EXAMPLES) so the file stays fast; the counts actually tried are
 printed at the end of the module (run with -s)."""
 import json
 import math
-import shutil
 import string
 from pathlib import Path
 
 import pytest
-import torch
-from hypothesis import HealthCheck, example, given, settings, strategies as st
-from safetensors.torch import save_file
+from hypothesis import example, given, strategies as st
 
-from engine.config import Qwen3Config
-from engine.data import read_rollouts
+from engine.train.rollouts import read_rollouts
 from engine.errors import EngineError
-from engine.lora import LoRAConfig, apply_lora, load_adapter, lora_modules, read_adapter_config, save_adapter
-from engine.model import Qwen3ForCausalLM
-from engine.train_config import TrainConfig, load_config
-from helpers import tiny_config
-
-MAX_EXAMPLES = 300
-TRIED: dict[str, int] = {}
-FUZZ = settings(max_examples=MAX_EXAMPLES, deadline=None, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-
-
-def tried(name: str) -> None:
-    TRIED[name] = TRIED.get(name, 0) + 1
-
-
-@pytest.fixture(scope="module", autouse=True)
-def report_counts():
-    yield
-    print(f"\nfuzzed inputs tried: {TRIED} (total {sum(TRIED.values())})")
-
-
-# Any JSON value, including the awkward ones: huge integers, NaN/inf, deep-ish nesting.
-JSON = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
-    | st.sampled_from([10 ** 400, -(10 ** 400), "", " ", "\x00"]),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
-    max_leaves=8)
+from engine.train.train_config import TrainConfig, load_config
+from helpers import FUZZ, JSON, report_counts, tried  # noqa: F401 (report_counts: autouse)
 
 
 def no_surrogates(s: str) -> bool:
     return all(not 0xD800 <= ord(c) <= 0xDFFF for c in s)
 
 
-# ---- rollouts (engine/data.py read_rollouts) -----------------------------------------------------
+# ---- rollouts (engine/train/rollouts.py read_rollouts) -----------------------------------------------------
 ROLLOUT_FIELDS = ("prompt", "completion", "reward", "group", "behavior_logps", "finished", "completion_ids",
                   "stop_id", "enable_thinking")
 REQUIRED = ("prompt", "completion", "reward", "group")
@@ -165,7 +136,7 @@ def test_jsonl_readers_break_lines_at_newline_only(tmp_path):
     (as json.dumps(..., ensure_ascii=False) writes them) read back whole; a line of a lone \\x1f (blank
     to str.strip(), not to JSON) is an error on its own line, not a silently skipped gap."""
     from analysis.stats import read_items
-    from engine.tasks import load_task
+    from engine.tasks.registry import load_task
     text = f"a{RAW_SEPARATORS}b"
     rollouts = tmp_path / "r.jsonl"
     rows = [{"prompt": text, "completion": f"{text} #### 3", "reward": 1.0, "group": "g"}] * 2
@@ -192,7 +163,7 @@ def test_jsonl_readers_break_lines_at_newline_only(tmp_path):
     assert e.value.line == 4
 
 
-# ---- TOML config (engine/train_config.py load_config) ------------------------------------------
+# ---- TOML config (engine/train/train_config.py load_config) ------------------------------------------
 CONFIG_FIELDS = sorted(TrainConfig.__dataclass_fields__)
 TOML_SCALAR = st.one_of(st.booleans(), st.integers(-(2 ** 63), 2 ** 63 - 1), st.sampled_from([10 ** 30, -1, 0]),
                         st.floats(), st.text(max_size=10).filter(no_surrogates),
@@ -290,89 +261,3 @@ def test_config_loader_edge_cases(tmp_path):
             load_config(path)
         e = info.value
         assert (e.path, e.field, e.line) == (str(path), field, line), str(e)
-
-
-# ---- adapters (engine/lora.py read_adapter_config / load_adapter) ---------------------------------
-@pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory):
-    """A tiny LoRA model and its saved adapter (the template every mutation starts from)."""
-    root = tmp_path_factory.mktemp("adapter")
-    model = Qwen3ForCausalLM(Qwen3Config.from_dict(tiny_config(num_hidden_layers=1)))
-    apply_lora(model, LoRAConfig(r=2, alpha=4.0), seed=0)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_B.normal_()
-    save_adapter(model, root / "adapter", base_name="tiny")
-    return root / "adapter", model
-
-
-ADAPTER_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora", "peft_type", "bias")
-
-
-@FUZZ
-@example(key="lora_alpha", value=10 ** 400, drop=False)
-@example(key="lora_dropout", value="x", drop=False)
-@given(key=st.sampled_from(ADAPTER_KEYS) | st.text(max_size=6), value=JSON, drop=st.booleans())
-def test_adapter_config_only_raises_engine_errors_naming_the_field(adapter_dir, tmp_path, key, value, drop):
-    tried("adapter-config")
-    template, _ = adapter_dir
-    raw = json.loads((template / "adapter_config.json").read_text())
-    if drop and key in raw:
-        del raw[key]
-    else:
-        raw[key] = value
-    (tmp_path / "adapter_config.json").write_text(json.dumps(raw))
-    try:
-        cfg, _ = read_adapter_config(tmp_path)
-    except EngineError as e:
-        assert e.path == str(tmp_path / "adapter_config.json") and e.field == key, (str(e), key)
-        return
-    assert isinstance(cfg.r, int) and not isinstance(cfg.r, bool) and cfg.r > 0
-    assert math.isfinite(cfg.alpha) and cfg.alpha > 0 and 0 <= cfg.dropout < 1
-    assert isinstance(cfg.use_rslora, bool)
-
-
-@FUZZ
-@given(kind=st.sampled_from(["truncate", "flip", "insert", "header"]), at=st.integers(0, 10 ** 6),
-       data=st.binary(min_size=1, max_size=8), header_value=JSON)
-def test_adapter_weights_only_raise_engine_errors(adapter_dir, tmp_path, kind, at, data, header_value):
-    """Mutated adapter_model.safetensors bytes (header and data) on a model whose LoRA shapes match."""
-    tried("adapter-weights")
-    template, model = adapter_dir
-    blob = bytearray((template / "adapter_model.safetensors").read_bytes())
-    header_len = int.from_bytes(blob[:8], "little")
-    at %= len(blob)
-    if kind == "truncate":
-        blob = blob[:at]
-    elif kind == "flip":
-        blob[at] ^= data[0] or 1
-    elif kind == "insert":
-        blob[at:at] = data
-    else:
-        header = json.loads(blob[8:8 + header_len])
-        name = sorted(k for k in header if k != "__metadata__")[at % (len(header) - 1)]
-        field = ["dtype", "shape", "data_offsets"][at % 3]
-        header[name][field] = header_value
-        encoded = json.dumps(header).encode()
-        blob = bytearray(len(encoded).to_bytes(8, "little")) + encoded + blob[8 + header_len:]
-    shutil.copy(template / "adapter_config.json", tmp_path / "adapter_config.json")
-    (tmp_path / "adapter_model.safetensors").write_bytes(bytes(blob))
-    try:
-        load_adapter(model, tmp_path)
-    except EngineError as e:
-        assert e.path in (str(tmp_path / "adapter_model.safetensors"), str(tmp_path)), str(e)
-
-
-def test_adapter_tensors_wrong_shape_missing_or_extra(adapter_dir, tmp_path):
-    template, model = adapter_dir
-    from safetensors.torch import load_file
-    good = load_file(str(template / "adapter_model.safetensors"))
-    first = sorted(good)[0]
-    variants = {"shape": {**good, first: torch.zeros(3, 3)}, "missing": {k: v for k, v in good.items() if k != first},
-                "extra": {**good, "base_model.model.model.layers.9.self_attn.q_proj.lora_A.weight": torch.zeros(2, 2)}}
-    for name, tensors in variants.items():
-        shutil.copy(template / "adapter_config.json", tmp_path / "adapter_config.json")
-        save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
-        with pytest.raises(EngineError) as info:
-            load_adapter(model, tmp_path)
-        assert info.value.path == str(tmp_path / "adapter_model.safetensors"), name

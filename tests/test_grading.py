@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from engine.grading import extract_answer, grade, is_equivalent, normalize_answer
+from engine.tasks.grading import extract_answer, grade, is_equivalent, normalize_answer
 from helpers import DATA
 
 

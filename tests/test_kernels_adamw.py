@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from triton_kernels import adamw_step_
-from triton_kernels.testing import kernel_device, use_small_tiles, use_triton_path
+from helpers import kernel_device, use_small_tiles, use_triton_path
 
 HP = {"lr": 3e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1}
 

@@ -11,7 +11,7 @@ import torch
 
 from engine.errors import EngineError
 from triton_kernels import _triton, dispatch, lora_linear
-from triton_kernels.testing import module
+from helpers import module
 
 CPU = torch.zeros(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,9 +91,9 @@ def test_cpu_training_never_imports_triton():
     """Triton is imported on first use only: a CPU training step leaves it out of the process."""
     code = (
         "import sys, torch, engine\n"
-        "from engine.logprobs import token_logprobs\n"
-        "from engine.lora import LoRAConfig, apply_lora\n"
-        "from engine.config import Qwen3Config\n"
+        "from engine.model.logprobs import token_logprobs\n"
+        "from engine.model.lora import LoRAConfig, apply_lora\n"
+        "from engine.model.qwen3_config import Qwen3Config\n"
         "cfg = Qwen3Config(vocab_size=50, hidden_size=16, intermediate_size=24, num_hidden_layers=1,\n"
         "                  num_attention_heads=2, num_key_value_heads=1, head_dim=8)\n"
         "m = apply_lora(engine.Qwen3ForCausalLM(cfg), LoRAConfig(r=2, alpha=4.0)).train()\n"

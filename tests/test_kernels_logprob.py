@@ -1,4 +1,4 @@
-"""linear_logprob: Triton (NaN-poisoned outputs) vs torch reference vs float64 log_softmax."""
+"""linear_logprob / head_logprob: Triton (NaN-poisoned outputs) vs the torch paths CPU runs vs float64 log_softmax."""
 from __future__ import annotations
 
 import pytest
@@ -6,8 +6,7 @@ import torch
 
 from engine.errors import EngineError
 from triton_kernels import linear_logprob
-from triton_kernels.testing import (kernel_device, leaf, module, randn_like, rel_err, use_small_tiles,
-                                    use_triton_path)
+from helpers import kernel_device, leaf, module, randn_like, rel_err, use_small_tiles, use_triton_path
 
 DEV = kernel_device()  # Triton-path tests: CUDA if present, else CPU through the interpreter
 
@@ -77,6 +76,22 @@ def test_triton_float32_matches_float64_and_reference(triton_path, monkeypatch, 
     ref = _check(*inputs, tol=1e-5, chunk_size=chunk)
     for a, b in zip(got, ref):
         assert rel_err(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("N,H,V,buffer", [(45, 40, 101, 2**20), (7, 24, 5000, 4 * 4096 * 5)])
+def test_triton_matches_the_cpu_training_path(triton_path, monkeypatch, N, H, V, buffer):
+    """The Triton path against what CPU training runs for the LM head, `head_logprob`'s float32 torch
+    path (blockwise over the vocabulary, the Jacobian formed in the forward): values and d/dhidden."""
+    hidden, weight, targets = _inputs((N,), H, V, torch.float32, seed=N, device=DEV)
+    runs = []
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("ENGINE_KERNELS", backend)
+        h = leaf(hidden)
+        logp = module("linear_logprob").head_logprob(h, weight, targets, buffer)
+        (logp * randn_like(logp, 5)).sum().backward()
+        runs.append((logp, h.grad))
+    for got, want in zip(*runs):
+        assert rel_err(got, want) < 1e-5
 
 
 def test_triton_bfloat16(triton_path):

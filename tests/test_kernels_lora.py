@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from triton_kernels import lora_linear, lora_linear_torch, qkv_proj, qkv_proj_torch
-from triton_kernels.testing import kernel_device, leaf, randn_like, rel_err, use_small_tiles, use_triton_path
+from helpers import kernel_device, leaf, randn_like, rel_err, use_small_tiles, use_triton_path
 
 SCALE = 1.7
 DEV = kernel_device()  # Triton-path tests: CUDA if present, else CPU through the interpreter

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from triton_kernels import qk_norm_rope, qk_norm_rope_torch
-from triton_kernels.testing import kernel_device, leaf, randn_like, rel_err, use_small_tiles, use_triton_path
+from helpers import kernel_device, leaf, randn_like, rel_err, use_small_tiles, use_triton_path
 
 EPS = 1e-6
 DEV = kernel_device()  # Triton-path tests: CUDA if present, else CPU through the interpreter

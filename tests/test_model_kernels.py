@@ -8,8 +8,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch  # noqa: E402
 
 import engine  # noqa: E402
-from engine.logprobs import token_logprobs  # noqa: E402
-from engine.lora import LoRAConfig, apply_lora, lora_modules  # noqa: E402
+from engine.model.logprobs import token_logprobs  # noqa: E402
+from engine.model.lora import LoRAConfig, apply_lora, lora_modules  # noqa: E402
 from helpers import hf_model, save_hf, tiny_config  # noqa: E402
 
 
@@ -33,15 +33,15 @@ def test_triton_path_equals_torch_path(tmp_path, monkeypatch):
         for m in lora_modules(model).values():
             m.lora_B.normal_(0, 0.1)
     ids = torch.randint(0, 97, (2, 7))
-    import engine.attention as attention
+    import engine.model.attention as attention
     from triton_kernels import dispatch
     calls = {"qkv": 0}
-    real = attention.qkv_proj
+    real = attention.lora_projections
 
     def counted(*args, **kwargs):
         calls["qkv"] += dispatch.use_triton(args[0])
         return real(*args, **kwargs)
-    monkeypatch.setattr(attention, "qkv_proj", counted)
+    monkeypatch.setattr(attention, "lora_projections", counted)
     ref_lp, ref_g = _run(model, ids, "torch", monkeypatch)
     assert calls["qkv"] == 0
     tri_lp, tri_g = _run(model, ids, "triton", monkeypatch)

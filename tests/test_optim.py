@@ -1,4 +1,4 @@
-"""engine.optim against torch.optim.AdamW + LambdaLR + clip_grad_norm_, HF's cosine schedule, and itself
+"""engine.train.optim against torch.optim.AdamW + LambdaLR + clip_grad_norm_, HF's cosine schedule, and itself
 (bit-exact resume). Problem: a small two-layer MLP regression with odd shapes, two param groups."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from engine.errors import EngineError
-from engine.optim import META_FILE, STATE_FILE, AdamW, CosineSchedule, clip_grad_norm
-import engine.optim as optim_module
+from engine.train.optim import META_FILE, STATE_FILE, AdamW, CosineSchedule, clip_grad_norm
+import engine.train.optim as optim_module
 
 SHAPES = {"w1": (13, 7), "b1": (13,), "w2": (5, 13), "b2": (5,), "scale": (5,)}
 GROUP_NAMES = (("w1", "b1"), ("w2", "b2", "scale"))

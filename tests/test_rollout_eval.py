@@ -8,10 +8,10 @@ from click.testing import CliRunner
 
 import engine
 from cli import main
-from engine.grading import extract_answer, grade
-from engine.rollout import encode_prompts, wilson_interval
-from engine.sampler import Generation, SamplingParams, generate, sequence_seed
-from engine.tasks import build_prompt, load_task
+from engine.tasks.grading import extract_answer, grade
+from engine.generate.rollout import encode_prompts, wilson_interval
+from engine.generate.sampler import Generation, SamplingParams, generate, sequence_seed
+from engine.tasks.registry import build_prompt, load_task
 from helpers import QWEN3_TOKENIZER, hf_model, save_hf, tiny_config
 
 QUESTIONS = [("Tom has 3 apples and buys 4 more. How many apples does he have?", "7"),
@@ -110,13 +110,13 @@ def test_rollout_records(setup, tmp_path):
             assert r["reward"] == float(grade(r["completion"], item.gold))
             assert r["answer"] == item.gold and r["source"] == "gsm8k"
     # The trainer's reader accepts the file as written.
-    from engine.data import read_rollouts
+    from engine.train.rollouts import read_rollouts
     assert len(read_rollouts(out)[0]) == 8
 
 
 def test_rollout_rewards_and_stop_token(setup, tmp_path, monkeypatch):
     """A fixed 'model output' per item: correct answers get reward 1, the stop token is stripped."""
-    import engine.rollout as rollout_mod
+    import engine.generate.rollout as rollout_mod
     model_dir, data = setup
     tok = engine.load_tokenizer(model_dir)
     items = load_task("gsm8k", "train", data_dir=data)
@@ -141,7 +141,7 @@ def test_rollout_rewards_and_stop_token(setup, tmp_path, monkeypatch):
         assert [r["reward"] for r in rs] == [1.0, 0.0]
         assert all(r["completion"].endswith("}.") and "<|im_end|>" not in r["completion"] for r in rs)
     # Each record names the stop token it ended on, and the trainer's tokens end with that one.
-    from engine.data import read_rollouts, tokenize_rollouts
+    from engine.train.rollouts import read_rollouts, tokenize_rollouts
     assert {r["stop_id"] for r in rows} == set(tok.stop_ids) and len(tok.stop_ids) == 2
     examples = tokenize_rollouts(read_rollouts(out)[0], tok, max_len=512)
     assert [e.ids[-1] for e in examples] == [r["stop_id"] for r in rows]
@@ -206,7 +206,7 @@ def test_thinking_off_appends_empty_think_block(setup, tmp_path):
     assert off[:len(auto)] == auto and tok.decode(off[len(auto):]) == "<think>\n\n</think>\n\n"
     assert tok.decode(auto[-3:], skip_special_tokens=False) == "<|im_start|>assistant\n"
     # The rollout file records the switch, so the trainer rebuilds the prompt that was sampled from.
-    from engine.data import read_rollouts, tokenize_rollouts
+    from engine.train.rollouts import read_rollouts, tokenize_rollouts
     for flag, want, field in (("off", off, False), ("auto", auto, None)):
         out = tmp_path / f"{flag}.jsonl"
         assert _rollout(setup, out, "--limit", 1, "--thinking", flag).exit_code == 0
@@ -238,7 +238,7 @@ def test_eval_greedy_files_and_interval(setup, tmp_path):
 
 
 def test_eval_counts_correct_answers(setup, tmp_path, monkeypatch):
-    import engine.rollout as rollout_mod
+    import engine.generate.rollout as rollout_mod
     model_dir, data = setup
     tok = engine.load_tokenizer(model_dir)
     items = load_task("gsm8k", "test", data_dir=data)
@@ -293,7 +293,7 @@ def test_bad_input_exits_2(setup, tmp_path):
 
 def test_eval_with_adapter(setup, tmp_path):
     """--adapter: the adapter's greedy completions (merged for decoding) equal the unmerged model's."""
-    from engine.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
+    from engine.model.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
     model_dir, data = setup
     model = engine.load_model(model_dir, device="cpu")
     apply_lora(model, LoRAConfig(r=2, alpha=4), seed=0)

@@ -1,13 +1,14 @@
-"""engine.sampler against transformers (greedy generate, logits warpers, PEFT) and float64 recomputation."""
+"""engine.generate.sampler against transformers (greedy generate, logits warpers, PEFT) and float64 recomputation."""
 import pytest
 import torch
 
 import engine
 from engine.errors import EngineError
-from engine import data, sampler
-from engine.kv_cache import KVCache
-from engine.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
-from engine.sampler import SamplingParams, filtered_probs, generate, next_tokens, sequence_seed
+from engine.generate import sampler
+from engine import packing
+from engine.model.kv_cache import KVCache
+from engine.model.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
+from engine.generate.sampler import SamplingParams, filtered_probs, generate, next_tokens, sequence_seed
 from helpers import hf_model, save_hf, tiny_config
 
 CONFIGS = {
@@ -71,7 +72,7 @@ def _frequent_token(model, prompts, steps):
 @pytest.mark.parametrize("pass_cost", [0, 10 ** 9], ids=["prefill-by-length", "prefill-one-pass"])
 def test_greedy_equals_transformers_generate(pair, pass_cost, monkeypatch):
     hf, ours, cfg, _ = pair
-    monkeypatch.setattr(data, "PASS_COST_TOKENS", {"cpu": pass_cost})
+    monkeypatch.setattr(packing, "PASS_COST_TOKENS", {"cpu": pass_cost})
     prompts = _prompts(cfg, [5, 11, 2, 8, 11])
     stop = _frequent_token(ours, prompts, 16)
     ours_out = generate(ours, prompts, SamplingParams(max_new_tokens=16, temperature=0), stop_ids=[stop],
@@ -132,7 +133,7 @@ def test_kv_cache_sampling_equals_full_recompute(pair, params):
 
 def _search_nucleus_among(candidates: int | None, monkeypatch) -> None:
     """None: top-p sorts whole rows; n: it looks among n candidates first (3: it must widen)."""
-    import engine.sampler as sampler
+    import engine.generate.sampler as sampler
     if candidates is not None:
         monkeypatch.setattr(sampler, "NUCLEUS_SORT_ALL", 0)
         monkeypatch.setattr(sampler, "NUCLEUS_CANDIDATES", candidates)
@@ -189,7 +190,7 @@ def test_nucleus_keeps_lowest_ids_among_ties(candidates, monkeypatch):
 
 
 def test_greedy_argmax_equals_torch_on_ties_and_nan():
-    from engine.sampler import _argmax
+    from engine.generate.sampler import _argmax
     x = torch.randint(0, 4, (64, 37)).float()   # many tied maxima: the first one wins
     x[torch.rand(64, 37) < 0.03] = float("nan")  # a NaN counts as the maximum, as in torch
     assert torch.equal(_argmax(x), x.argmax(-1))
@@ -301,7 +302,7 @@ def test_prefill_by_length_equals_one_pass(one, monkeypatch, keys_transposed):
 
     monkeypatch.setattr(ours, "forward", spy)
     for pass_cost in (0, 10 ** 9):
-        monkeypatch.setattr(data, "PASS_COST_TOKENS", {"cpu": pass_cost})
+        monkeypatch.setattr(packing, "PASS_COST_TOKENS", {"cpu": pass_cost})
         passes.append([])
         runs.append(generate(ours, prompts, params, stop_ids=[], pad_id=PAD, seeds=seeds))
     assert passes == [[(2, 13), (1, 9), (1, 7), (1, 5), (1, 2), (1, 1)], [(7, 13)]]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from engine.study import StudyRun, analysis_step, checkpoint_name, run_config, run_study, study_runs
+from engine.recipes.study import StudyRun, analysis_step, checkpoint_name, run_config, run_study, study_runs
 from helpers import REPO
 
 CPU = REPO / "configs" / "cpu.toml"

@@ -12,10 +12,11 @@ from fractions import Fraction
 import pytest
 
 import engine
-from engine import synthetic
+from engine.tasks import synthetic
 from engine.errors import EngineError
-from engine.grading import grade
-from engine.synthetic import Difficulty, build_embedded, generate_problems
+from engine.tasks.grading import grade
+from engine.recipes.embedded_inputs import build_embedded
+from engine.tasks.synthetic import Difficulty, generate_problems
 from helpers import REPO
 
 ANNOTATION = re.compile(r"(\d+) ([-+*/]) (\d+) = \$?<<([^=<>]+)=([^<>]+)>>(\d+)")
@@ -131,7 +132,7 @@ def test_grader_accepts_gold_and_rejects_perturbed(train):
 
 
 def test_registered_task(test_items):
-    from engine.tasks import load_task, task_names
+    from engine.tasks.registry import load_task, task_names
     assert "synthetic" in task_names()
     items = load_task("synthetic", "test")
     assert items == generate_problems(synthetic.DEFAULT_SIZES["test"], synthetic.DEFAULT_SEED, "test")
@@ -203,7 +204,7 @@ def test_tokenizer_splits_digits_and_matches_transformers(built):
 
 def test_config_and_sft_rows_load_through_the_engine(built):
     import torch
-    from engine.data import read_rollouts, tokenize_rollouts
+    from engine.train.rollouts import read_rollouts, tokenize_rollouts
     out, summary = built
     cfg = engine.Qwen3Config.from_json(out / "base" / "config.json")
     tok = engine.load_tokenizer(out / "base")
@@ -226,6 +227,6 @@ def test_config_and_sft_rows_load_through_the_engine(built):
 
 
 def test_train_tokenizer_rejects_tiny_vocab(tmp_path):
-    from engine.tiny_tokenizer import train_tokenizer
+    from engine.recipes.tokenizer_training import train_tokenizer
     with pytest.raises(EngineError, match="vocab_size"):
         train_tokenizer(["a b c"], 100, tmp_path)

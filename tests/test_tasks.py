@@ -7,11 +7,10 @@ from pathlib import Path
 import pytest
 
 from engine.errors import EngineError
-from engine.grading import grade
-from engine.tasks import (PROMPT_STYLES, TaskItem, answer_text, build_prompt, default_data_dir, default_style,
-                          load_task,
-                          register_task, task_names)
-from engine import tasks as tasks_module
+from engine.tasks.grading import grade
+from engine.tasks.registry import (PROMPT_STYLES, TaskItem, answer_text, build_prompt, default_data_dir, default_style,
+                                   load_task, register_task, task_names)
+from engine.tasks import registry as tasks_module
 from helpers import DATA
 
 

@@ -7,9 +7,9 @@ import torch
 
 import engine
 from engine.errors import EngineError, TrainingDiverged
-from engine.lora import load_adapter
-from engine.train_config import load_config
-from engine.trainer import Trainer, train
+from engine.model.lora import load_adapter
+from engine.train.train_config import load_config
+from engine.train.trainer import Trainer, train
 from helpers import tiny_model_dir, write_rollouts
 
 LOSSES = ["sft", "rft", "dft", "rift", "grpo", "dpo"]
@@ -45,8 +45,8 @@ def test_each_loss_lowers_its_objective(setup, tmp_path, loss):
 
 
 def _mean_token_prob(trainer):
-    from engine.data import collate
-    from engine.logprobs import token_logprobs
+    from engine.train.batching import collate
+    from engine.model.logprobs import token_logprobs
 
     @torch.no_grad()
     def negative_mean_prob():
@@ -64,7 +64,7 @@ def test_accumulation_equals_one_batch(setup, tmp_path, loss):
     grads, stats = [], []
     hparams = {}
     if loss == "grpo":  # the clipped ratio and KL stats too (behavior log-probs drawn at random)
-        from engine.tokenizer import load_tokenizer
+        from engine.model.tokenizer import load_tokenizer
         rollouts = write_rollouts(tmp_path / "behavior.jsonl", behavior=True, tokenizer=load_tokenizer(setup[1]))
         hparams = dict(rollouts=str(rollouts), loss_hparams={"grpo": {"clip_eps": 0.2, "kl_beta": 0.05}})
     for mb in (16, 4):
@@ -72,7 +72,7 @@ def test_accumulation_equals_one_batch(setup, tmp_path, loss):
                     progress=False)
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for m in engine.lora.lora_modules(t.model).values():
+            for m in engine.model.lora.lora_modules(t.model).values():
                 m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=gen))
         micro = t._micro_batches([t.units.rows[u] for u in t.plan[0]])
         if mb == 4:
@@ -99,7 +99,7 @@ def test_rft_skips_incorrect_rows_with_the_same_updates(setup, tmp_path, all_wro
                          weight_decay=0.1), progress=False)
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            for m in engine.lora.lora_modules(t.model).values():
+            for m in engine.model.lora.lora_modules(t.model).values():
                 m.lora_B.copy_(0.1 * torch.randn(m.lora_B.shape, generator=gen))
         if all_wrong:
             for e in t.examples:
@@ -135,7 +135,7 @@ def test_resume_is_bit_identical(setup, tmp_path):
     # An interrupted run: 3 steps and a checkpoint, then the process is gone.
     cfg = _cfg(setup, tmp_path / "b", loss="dpo", steps=6, save_every=3)
     t = Trainer(cfg, progress=False)
-    from engine import checkpointing
+    from engine.train import checkpoints as checkpointing
     for step in range(3):
         t.train_step(step)
     checkpointing.save(t.out / "step-3", t.model, t.optimizer, cfg, 3)
@@ -157,7 +157,7 @@ def test_adapter_round_trip_and_peft(setup, tmp_path):
     ids = torch.randint(0, ours.config.vocab_size, (2, 11))
     with torch.no_grad():
         logits = ours(ids).logits
-    assert any(m.lora_B.abs().sum() > 0 for m in engine.lora.lora_modules(ours).values())
+    assert any(m.lora_B.abs().sum() > 0 for m in engine.model.lora.lora_modules(ours).values())
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
@@ -171,7 +171,7 @@ def test_adapter_round_trip_and_peft(setup, tmp_path):
     with torch.no_grad():
         assert (again(ids).logits - ref).abs().max() < 1e-4
     # Merging for export is one call and changes nothing.
-    engine.lora.merge_adapter(ours)
+    engine.model.lora.merge_adapter(ours)
     with torch.no_grad():
         assert (ours(ids).logits - logits).abs().max() < 1e-4
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import engine
-from engine.checkpoint import load_model
-from engine.config import Qwen3Config
+from engine.model.weights import load_model
+from engine.model.qwen3_config import Qwen3Config
 from engine.errors import EngineError
-from engine.lora import LoRAConfig, apply_lora, load_adapter, read_adapter_config, save_adapter
-from engine.model import Qwen3ForCausalLM
+from engine.model.lora import LoRAConfig, apply_lora, load_adapter, read_adapter_config, save_adapter
+from engine.model.qwen3 import Qwen3ForCausalLM
 from helpers import tiny_config
 
 
@@ -131,7 +131,7 @@ def test_names_never_escape_their_directory(tmp_path, no_unpickling):
     load_adapter(model, adapter)
     assert OPENED and all(Path(p).resolve().is_relative_to(adapter.resolve()) for p in OPENED), OPENED
     # A checkpoint manifest naming '../x' is reported as corrupt, and the file is never read.
-    from engine.checkpointing import verify
+    from engine.train.checkpoints import verify
     secret = tmp_path / "secret"
     secret.write_text("do not read")
     (adapter / "manifest.json").write_text(json.dumps({"files": {"../secret": {"size": 11, "sha256": "0"}}}))

@@ -12,6 +12,14 @@ partials. Triton backward: per chunk of `chunk_size` token rows, a GEMM kernel w
 logit tile into dlogits = g * (onehot(target) - exp(z - lse)) (stored in hidden's dtype), then
 grad_hidden = dlogits @ W by cuBLAS. Memory: chunk_size x V of dlogits, never N x V.
 
+Torch paths (CPU). `linear_logprob`: row chunks of [chunk, V] float32 logits, recomputed in the backward
+(reference log-probs, evaluation, entropies). `head_logprob` (what training calls) on float32 takes the
+blockwise loop `_online_head` instead, all of a chunk's rows against one vocabulary block at a time; with
+autograd recording, `_HeadLogprobWithJacobian` forms each row's gradient d logp / d h = W[target] -
+softmax(h W^T) W inside the forward while the block's logits are at hand: two GEMMs over the vocabulary
+instead of three (no logits recomputation in the backward), and the backward is one [N, H] row scaling.
+A compacted (narrow-stored) head also takes the blockwise loop without autograd, cast block by block.
+
 Entropy (return_entropy=True) is returned detached: the losses here need only logp, and the token
 probability exp(logp) (return_prob=True) is computed from logp so it does carry gradient.
 """
@@ -23,12 +31,19 @@ import torch.nn.functional as F
 from engine.errors import EngineError
 from triton_kernels import dispatch
 from triton_kernels._triton import dot_precision, interpreting, jit, tl, triton
+from triton_kernels.torch_path import workspace
 
 # Production tiles for bf16 on Hopper; tests shrink them. SPLITS_MIN: vocabulary splits per row block.
 FWD_CONFIG = {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_H": 64, "SPLITS_MIN": 16, "num_warps": 8, "num_stages": 3}
 BWD_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8, "num_warps": 8, "num_stages": 4}
 # Bytes allowed for one chunk of materialised logits (torch path) or dlogits (Triton backward).
 CHUNK_BYTES = 256 * 2**20
+# The torch training path walks the vocabulary in blocks, all of a chunk's token rows at once (every
+# GEMM keeps the full row count: efficient shapes), with one [rows, block] float32 logits buffer of at
+# most this many bytes. Measured on the 0.6B head at 384 scored rows (BENCHMARKS.md): 8 MiB (28 blocks)
+# beat one 233 MB block by ~10% per step and keeps the step's peak ~0.2 GiB lower.
+HEAD_BUFFER_BYTES = 8 * 2**20
+MIN_VOCAB_BLOCK = 4096
 
 
 @jit
@@ -297,3 +312,92 @@ def linear_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         return logp
     extras = ([entropy.view(lead)] if return_entropy else []) + ([logp.exp()] if return_prob else [])
     return (logp, *extras)
+
+
+def head_logprob(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                 buffer_bytes: int = HEAD_BUFFER_BYTES) -> torch.Tensor:
+    """log softmax(hidden W^T)[targets], float32 [N]; hidden [N, H], weight [V, H] frozen, targets [N].
+    Differentiable in hidden. The op's dispatch as the model calls it: Triton on CUDA, else (float32)
+    the blockwise torch loop, with the Jacobian formed in the forward when autograd records, or the
+    row-chunked torch path of `linear_logprob` (module docstring). `buffer_bytes` bounds the blockwise
+    loop's logits buffer."""
+    needs_grad = torch.is_grad_enabled() and hidden.requires_grad
+    # Without autograd the torch path is linear_logprob's, unless the head is stored narrower than the
+    # compute dtype (compacted): that one would cast the whole [V, H] head per call (0.6 GB for Qwen3),
+    # where the blockwise loop below casts one vocabulary block at a time.
+    blockwise = needs_grad or weight.dtype != hidden.dtype
+    if not blockwise or hidden.dtype != torch.float32 or dispatch.use_triton(hidden, weight, targets):
+        return linear_logprob(hidden, weight, targets)
+    if targets.numel():
+        low, high = torch.stack(torch.aminmax(targets)).tolist()
+        if low < 0 or high >= weight.shape[0]:
+            raise EngineError(f"token ids must lie in [0, {weight.shape[0]}) (the model's vocabulary); got "
+                              f"{low}..{high}", field="targets")
+    N, V = hidden.shape[0], weight.shape[0]
+    elems = max(buffer_bytes // 4, MIN_VOCAB_BLOCK)
+    block = min(V, max(MIN_VOCAB_BLOCK, elems // max(N, 1)))
+    rows = max(1, min(N, elems // block))
+    if not needs_grad:
+        return _online_head(hidden, weight, targets, rows, block, jacobian=False)[0]
+    return _HeadLogprobWithJacobian.apply(hidden, weight, targets, rows, block)
+
+
+def _online_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, block: int,
+                 jacobian: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per chunk of `rows` token rows, an online log-sum-exp over vocabulary blocks W_b of `block` rows:
+    z = h W_b^T; m' = max(m, max z); s = s e^(m - m') + sum e^(z - m'); with `jacobian` also
+    acc = acc e^(m - m') + e^(z - m') W_b. Then lse = m + log s, logp = h . W[t] - lse and
+    J = W[t] - acc / s (= W[t] - softmax W). Returns (logp [N], J [N, H] or None)."""
+    N, V = hidden.shape[0], weight.shape[0]
+    w_target = weight[targets].to(hidden.dtype)                 # [N, H]
+    logp = (hidden * w_target).sum(1)                           # target logits, then - lse
+    jac = torch.empty_like(hidden) if jacobian else None        # acc, then J
+    buf = hidden.new_empty(min(rows, N) * min(block, V))
+    # A compacted (bf16-stored) head is cast block by block into the shared cast workspace.
+    cast = workspace(min(block, V) * weight.shape[1], hidden.dtype, hidden.device).view(-1, weight.shape[1]) \
+        if weight.dtype != hidden.dtype else None
+    for r0 in range(0, N, rows):
+        h = hidden[r0:r0 + rows]
+        acc = jac[r0:r0 + rows] if jac is not None else None
+        n = h.shape[0]
+        for v0 in range(0, V, block):
+            w = weight[v0:v0 + block]
+            if cast is not None:
+                w = cast[:w.shape[0]].copy_(w)
+            z = torch.mm(h, w.t(), out=buf[: n * w.shape[0]].view(n, w.shape[0]))
+            if v0 == 0:
+                m = z.amax(1)
+                e = z.sub_(m[:, None]).exp_()
+                s = e.sum(1)
+                if acc is not None:
+                    torch.mm(e, w, out=acc)
+                continue
+            m_new = torch.maximum(m, z.amax(1))
+            rescale = (m - m_new).exp_()
+            e = z.sub_(m_new[:, None]).exp_()
+            s = s.mul_(rescale).add_(e.sum(1))
+            if acc is not None:
+                acc.mul_(rescale[:, None]).addmm_(e, w)
+            m = m_new
+        logp[r0:r0 + rows] -= m + s.log()
+        if acc is not None:
+            acc.div_(s[:, None])
+    if jac is not None:
+        torch.sub(w_target, jac, out=jac)
+    return logp, jac
+
+
+class _HeadLogprobWithJacobian(torch.autograd.Function):
+    """float32 torch path: `_online_head` with the Jacobian formed in the forward. Backward:
+    grad_h = g[:, None] * J."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, rows: int, block: int):
+        logp, jac = _online_head(hidden, weight, targets, rows, block, jacobian=True)
+        ctx.save_for_backward(jac)
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor):
+        (jac,) = ctx.saved_tensors
+        return jac * grad_logp[:, None], None, None, None, None

@@ -22,7 +22,7 @@ from triton_kernels.adamw import adamw_step_
 from triton_kernels.linear_logprob import linear_logprob
 from triton_kernels.lora_linear import lora_linear
 from triton_kernels.qk_norm_rope import qk_norm_rope
-from triton_kernels.qkv_proj import qkv_proj
+from triton_kernels.lora_linear import qkv_proj
 
 # Attention sizes from data/qwen3-configs (hidden, heads, kv heads, head_dim, vocab, layers).
 QWEN3_SHAPES = [

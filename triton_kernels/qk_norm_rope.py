@@ -1,4 +1,6 @@
-"""Qwen3's per-head RMSNorm followed by half-split RoPE, for q and k in one launch.
+"""Qwen3's per-head RMSNorm followed by half-split RoPE for q and k: the Triton kernel (one launch for
+both), the torch path CPU runs (`norm_rope`, an autograd.Function with a hand-written backward) and the
+one dispatch between them, `qk_norm_rope`. The kernel tests compare the Triton path with that torch path.
 
 Shapes: q [B, T, Hq, D], k [B, T, Hkv, D] (any strides with a unit last stride); norm weights [D];
 cos, sin [T, D] or [B, T, D] (or [1, T, D]), as HF's rotary embedding gives them from position ids.
@@ -16,6 +18,7 @@ import torch
 
 from triton_kernels import dispatch
 from triton_kernels._triton import jit, next_pow2, tl, triton
+from triton_kernels.torch_path import inv_rms, norm_backward, recording, serial
 
 # Rows (head vectors) per program; tests shrink it.
 CONFIG = {"BLOCK_ROWS": 16, "num_warps": 4}
@@ -158,21 +161,72 @@ class _QKNormRopeTriton(torch.autograd.Function):
         return dq, dk, dwq.sum(0).to(wq.dtype), dwk.sum(0).to(wk.dtype), None, None, None
 
 
-def rms_norm_rope_torch(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        eps: float) -> torch.Tensor:
-    """Plain-torch reference for one of q/k: x [B, T, H, D] -> rope(rmsnorm(x)) in float32, x's dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps) * weight.float()
+def _rotate(x: torch.Tensor, tables: tuple[torch.Tensor, ...], transpose: bool) -> torch.Tensor:
+    """RoPE of x [..., D] with the half tables (c1, c2, s1, s2) [B, T, 1, D/2] (cos = [c1 | c2], sin =
+    [s1 | s2]): [x1 c1 - x2 s1, x2 c2 + x1 s2]; with `transpose` its transpose (the backward):
+    [x1 c1 + x2 s2, x2 c2 - x1 s1]. Two fused passes per half, no rotate_half copy."""
+    c1, c2, s1, s2 = tables
     half = x.shape[-1] // 2
-    rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-    cos_b, sin_b = cos.float().unsqueeze(-2), sin.float().unsqueeze(-2)  # broadcast over heads
-    return (xf * cos_b + rotated * sin_b).to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if transpose:
+        torch.mul(x1, c1, out=out[..., :half]).addcmul_(x2, s2, value=1.0)
+        torch.mul(x2, c2, out=out[..., half:]).addcmul_(x1, s1, value=-1.0)
+    else:
+        torch.mul(x1, c1, out=out[..., :half]).addcmul_(x2, s1, value=-1.0)
+        torch.mul(x2, c2, out=out[..., half:]).addcmul_(x1, s2, value=1.0)
+    return out
 
 
-def qk_norm_rope_torch(q, k, q_norm_weight, k_norm_weight, cos, sin, eps: float):
-    """Plain-torch reference (and the CPU path) for both q and k."""
-    return (rms_norm_rope_torch(q, q_norm_weight, cos, sin, eps),
-            rms_norm_rope_torch(k, k_norm_weight, cos, sin, eps))
+class _NormRope(torch.autograd.Function):
+    """rope(rmsnorm(x) * w) for one of q / k, with its hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                eps: float) -> torch.Tensor:
+        out, rstd, tables = _norm_rope_forward(x, weight, cos, sin, eps)
+        ctx.save_for_backward(x, weight, rstd, *tables)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd, *tables = ctx.saved_tensors
+        with serial(x):
+            dn = _rotate(grad.float(), tables, transpose=True)
+            dx, dw = norm_backward(dn, x.float(), rstd, weight.float(), ctx.needs_input_grad[1])
+            return dx.to(x.dtype), (dw.to(weight.dtype) if dw is not None else None), None, None, None
+
+
+def _norm_rope_forward(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(rope(rmsnorm(x) * w), rstd, half tables): the output and what the backward needs."""
+    half = x.shape[-1] // 2
+    with serial(x):
+        c1, c2 = cos[..., :half].float().unsqueeze(2), cos[..., half:].float().unsqueeze(2)
+        s1, s2 = sin[..., :half].float().unsqueeze(2), sin[..., half:].float().unsqueeze(2)
+        tables = (c1, c2, s1, s2)
+        x32 = x.float()
+        rstd = inv_rms(x32, eps)
+        n = (x32 * rstd).mul_(weight.float())
+        return _rotate(n, tables, transpose=False).to(x.dtype), rstd, tables
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              eps: float) -> torch.Tensor:
+    """Qwen3's per-head RMSNorm then RoPE for one of q / k, the torch path: x [B, T, H, D], weight [D],
+    cos/sin [B, T, D] (or [1, T, D]) -> [B, T, H, D] in x's dtype; rope(rmsnorm(x) * w) in float32."""
+    if not recording(x, weight):
+        return _norm_rope_forward(x, weight, cos, sin, eps)[0]
+    return _NormRope.apply(x, weight, cos, sin, eps)
+
+
+def qk_norm_rope_torch(q: torch.Tensor, k: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,
+                       cos: torch.Tensor, sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The torch path (what CPU runs, and what the Triton kernel is tested against): `norm_rope` on q, then
+    on k. cos/sin [T, D] are broadcast over the batch as [1, T, D]."""
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]
+    return norm_rope(q, q_norm_weight, cos, sin, eps), norm_rope(k, k_norm_weight, cos, sin, eps)
 
 
 def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_norm_weight: torch.Tensor, k_norm_weight: torch.Tensor,

@@ -1,0 +1,1 @@
+"""Generation: the batched sampler and the rollout / evaluation drivers built on it."""
