@@ -17,13 +17,13 @@ dense SVD of K, so the result is exact to `tol` either way.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 
 import torch
 
 from engine.errors import EngineError
+from triton_kernels.torch_path import serial
 
 from .linalg import principal_angles
 
@@ -56,18 +56,6 @@ def _core_mv(d: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, Z: torch.Tensor)
     return d[:, None] * Z + X @ (Y.mT @ Z)
 
 
-@contextlib.contextmanager
-def _one_thread():
-    """The iteration runs many small products: on CPU one thread avoids OpenMP wake-up cost, which
-    dominates on a loaded machine (measured 30x on the embedded model's 200 x 32 blocks)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def top_svd_core(S0: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, m: int, *, tol: float = 1e-11,
                  max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-m singular triplets of K = diag(S0, 0) + X Y^T, batched over runs.
@@ -83,7 +71,9 @@ def top_svd_core(S0: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, m: int, *, 
     E = torch.eye(N, b - min(r, b - m), dtype=X.dtype).expand(R, -1, -1)
     V = torch.linalg.qr(torch.cat([E, Y[..., : b - E.shape[-1]]], dim=-1)).Q
     resid = torch.full((R,), math.inf, dtype=X.dtype)
-    with _one_thread():
+    # Many small products: on CPU one thread avoids OpenMP wake-up cost, which dominates on a loaded
+    # machine (measured 30x on the embedded model's 200 x 32 blocks).
+    with serial(X):
         for _ in range(max_iter):
             P, sig, Qh = torch.linalg.svd(_core_mv(d, X, Y, V), full_matrices=False)    # K V = P sig Qh
             Vr = V @ Qh.mT                                                               # Ritz right vectors
