@@ -165,6 +165,7 @@ class BaseAlignment:
     eps: tuple[float, ...]
     epsilon: float
     norm_sq: torch.Tensor             # [R, M]
+    base_norm_sq: torch.Tensor        # [M] |W0|_F^2 (the sum of the base's squared singular values)
     overlap: dict[int, torch.Tensor]  # k -> [R, M, 3] numerators (both, left, right)
     expect: dict[int, torch.Tensor]   # k -> [M, 3]
     angles_left: torch.Tensor         # [R, M, k] degrees
@@ -195,6 +196,7 @@ def compute_base_alignment(aset, base_svd, *, k: int = 16, K: int = 10, epsilon:
     ks = tuple(sorted({k_eff, k_rank}))
     eps = tuple(sorted(set(EPS_GRID) | {float(epsilon)}))
     res: list[ModuleAlignment] = []
+    base_sq: list[float] = []
     for m, name in enumerate(tqdm(aset.modules, desc="base alignment", unit="module", disable=not progress)):
         A, B = aset.factors(name)
         U0, S0, V0 = base_svd.get(name)
@@ -202,11 +204,12 @@ def compute_base_alignment(aset, base_svd, *, k: int = 16, K: int = 10, epsilon:
             raise EngineError(f"module {name!r}: base weight is {[U0.shape[0], V0.shape[0]]} but the adapters' "
                               f"Delta W is {list(shape_list[m])}", field="base")
         res.append(module_alignment(A, B, aset.scales, U0, S0, V0, ks, k_eff, K_eff, tol=tol))
+        base_sq.append(float(S0.double().square().sum()))
     st = lambda f: torch.stack([f(x) for x in res], 1)   # noqa: E731  [R, M, ...]
     return BaseAlignment(
         names=aset.names, modules=aset.modules, layer_of=aset.layer_of, type_of=aset.type_of, shapes=shape_list,
         ks=ks, k=k_eff, k_rank=k_rank, k_requested=k, K=K_eff, eps=eps, epsilon=float(epsilon),
-        norm_sq=st(lambda x: x.norm_sq), overlap={kk: st(lambda x, kk=kk: x.overlap[kk]) for kk in ks},
+        norm_sq=st(lambda x: x.norm_sq), base_norm_sq=torch.tensor(base_sq, dtype=torch.float64), overlap={kk: st(lambda x, kk=kk: x.overlap[kk]) for kk in ks},
         expect={kk: torch.tensor([x.expect[kk] for x in res], dtype=torch.float64) for kk in ks},
         angles_left=st(lambda x: x.angles_left), angles_right=st(lambda x: x.angles_right),
         sigma=st(lambda x: x.sigma), sigma0=torch.stack([x.sigma0 for x in res]),

@@ -88,6 +88,9 @@ def summarize_base_alignment(ba: BaseAlignment) -> dict:
         "k": ba.k, "k_rank": ba.k_rank, "k_requested": ba.k_requested, "ks": list(ba.ks), "K": ba.K,
         "epsilon": ba.epsilon, "epsilons": list(ba.eps), "unit": "degrees",
         "norm_sq": {"per_module": ba.norm_sq.tolist()},
+        # |dW|_F / |W0|_F over each group's modules: how large the update is against what it perturbs.
+        "relative_update_norm": _by_group(lambda of, lab: (_gsum(ba.norm_sq, of, lab) / _gsum(
+            ba.base_norm_sq.expand_as(ba.norm_sq), of, lab)).sqrt(), ba),
         "principal_overlap": overlap,
         "rotation": rot,
         "spectrum_drift": {"relative_norm": {**_by_group(lambda of, lab: _gmedian(drift, of, lab), ba),

@@ -11,7 +11,6 @@ subspace is still the shared initial A (protocol section 4, "Noise floors").
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from engine.model.lora import initial_lora_a
 
 from .adapters import AdapterSet
 from .linalg import factored_svd, principal_angles
+from .run_info import training_info
 
 DEG = 180 / math.pi
 
@@ -63,14 +63,9 @@ def principal_angle_floors(aset: AdapterSet, k: int, trials: int = 64, seed: int
 
 
 def run_seed(adapter_dir: Path | None) -> int | None:
-    """The seed a run was trained with, from its checkpoint's trainer_state.json (None for an adapter this
-    engine did not train, or one whose state file is unreadable)."""
-    path = None if adapter_dir is None else Path(adapter_dir) / "trainer_state.json"
-    try:
-        seed = json.loads(path.read_text())["config"]["seed"]
-    except (AttributeError, OSError, ValueError, KeyError, TypeError):
-        return None
-    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+    """The seed a run was trained with (None for an adapter this engine's trainer did not write)."""
+    info = training_info(adapter_dir)
+    return None if info is None else info["seed"]
 
 
 def init_alignment(aset: AdapterSet, k: int, trials: int = 64) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from pathlib import Path
 
 from .base_alignment_report import render_base_alignment
 from .verdicts import render_verdicts
@@ -117,11 +118,31 @@ def render(metrics: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shown(path) -> str:
+    """A path as a reader of the report wants it: relative to the working directory when inside it (a
+    report copied elsewhere then carries no machine's temporary or home directories)."""
+    if path is None:
+        return "None"
+    p = Path(str(path))
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve())) if p.is_absolute() else str(p)
+    except ValueError:
+        return str(p)
+
+
 def _runs_section(metrics: dict) -> list[str]:
     lines = ["# LoRA update geometry report", ""]
-    lines += _table(["run", "adapter", "r", "alpha", "scale", "base"],
-                    [[r["name"], f"`{r['adapter_dir']}`", str(r["r"]), f"{r['lora_alpha']:g}", f"{r['scale']:g}",
-                      str(r["base_model"])] for r in metrics["runs"]])
+
+    def trained(r: dict, key: str, fmt: str) -> str:
+        info = r.get("training") or {}
+        return "n/a" if info.get(key) is None else format(info[key], fmt)
+    lines += _table(["run", "adapter", "r", "alpha", "scale", "loss", "lr", "seed", "step", "epochs", "base"],
+                    [[r["name"], f"`{_shown(r['adapter_dir'])}`", str(r["r"]), f"{r['lora_alpha']:g}",
+                      f"{r['scale']:g}", trained(r, "loss", ""), trained(r, "lr", "g"), trained(r, "seed", "d"),
+                      trained(r, "step", "d"), trained(r, "epochs", ".2f"), _shown(r["base_model"])]
+                     for r in metrics["runs"]])
+    lines += ["", "Epochs = passes over the rows the loss trains on (RFT: the correct rollouts; DPO: the pairs) "
+              "through the analysed step."]
     lines += ["", f"{len(metrics['modules'])} adapted modules over {len(metrics['layers'])} layers; "
               f"schema: docs/analysis.md.", ""]
     return lines

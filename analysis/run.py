@@ -14,6 +14,7 @@ from engine.outputs import claim, claim_dir
 
 from .adapters import AdapterSet, load_adapters
 from .floors import init_alignment, principal_angle_floors
+from .run_info import training_info
 from .geometry import compute_geometry, summarize
 from .report import method_of, render
 
@@ -153,7 +154,8 @@ def run_analysis(run_dirs: Sequence[str | os.PathLike], base: str | os.PathLike 
         "schema_version": SCHEMA_VERSION,
         "runs": [{"name": r.name, "adapter_dir": str(r.adapter_dir), "r": r.r, "lora_alpha": r.alpha,
                   "use_rslora": r.use_rslora, "scale": r.scale, "base_model": r.base_model,
-                  "target_modules": list(r.target_modules)} for r in aset.runs],
+                  "target_modules": list(r.target_modules), "training": training_info(r.adapter_dir)}
+                 for r in aset.runs],
         "base": None if base is None else str(base),
         "reference": names[ref], "checkpoint": checkpoint,
         "modules": aset.modules, "layers": sorted(set(aset.layer_of)), "module_types": list(dict.fromkeys(aset.type_of)),

@@ -120,6 +120,26 @@ def test_rft_skips_incorrect_rows_with_the_same_updates(setup, tmp_path, all_wro
     assert max(float((full[n] - start[n]).abs().max()) for n in full) > 1e-4   # the steps did update
 
 
+def test_rft_filters_first_then_batches_correct_rows(setup, tmp_path):
+    """An RFT step holds `batch_size` correct rows (whole groups, so at most one group's worth more), never
+    a group without one; the other losses count every row of the same groups."""
+    t = Trainer(_cfg(setup, tmp_path / "rft", loss="rft", steps=6, batch_size=6), progress=False)
+    correct = [e.reward == 1.0 for e in t.examples]
+    assert 0 < sum(correct) < len(correct)
+    most = max(sum(correct[i] for i in g) for g in t.units.rows)
+    for step in t.plan:
+        rows = [i for u in step for i in t.units.rows[u]]
+        assert 6 <= sum(correct[i] for i in rows) < 6 + most, step
+        assert all(any(correct[i] for i in t.units.rows[u]) for u in step)
+    sft = Trainer(_cfg(setup, tmp_path / "sft", loss="sft", steps=6, batch_size=6), progress=False)
+    assert all(6 <= sum(len(sft.units.rows[u]) for u in step) for step in sft.plan)
+    no_correct = tmp_path / "wrong.jsonl"
+    no_correct.write_text("".join(json.dumps({**json.loads(line), "reward": 0.0}) + "\n"
+                                  for line in setup[2].read_text().splitlines()))
+    with pytest.raises(EngineError, match="no rollout counts for rft"):
+        Trainer(_cfg(setup, tmp_path / "none", loss="rft", steps=1, rollouts=str(no_correct)), progress=False)
+
+
 def test_rft_still_refuses_non_binary_rewards(setup, tmp_path):
     """Incorrect rows never reach the RFT loss (and its check), so the row selection checks instead."""
     lines = [json.loads(line) for line in setup[2].read_text().splitlines()]
@@ -229,3 +249,25 @@ def test_cli_says_which_preset_a_real_model_trains_with(setup, tmp_path):
     chosen = CliRunner().invoke(main, [*common, "--preset", "cpu", "--out", str(tmp_path / "b")],
                                 catch_exceptions=False)
     assert chosen.exit_code == 0 and "configs/cpu.toml" not in chosen.stderr
+
+
+def test_epochs_are_logged_and_read_back(setup, tmp_path):
+    """Each step's row says how many passes over the data (rows that train) the run has made; the analysis
+    reads the analysed checkpoint's seed, step, loss, lr and epochs back from the run's own files."""
+    from analysis.run_info import training_info
+    cfg = _cfg(setup, tmp_path / "rft", loss="rft", steps=4, batch_size=5, checkpoint_steps=[3], seed=11)
+    trainer = Trainer(cfg, progress=False)
+    final = trainer.run()
+    run = tmp_path / "rft" / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in rows if r.get("event") == "start")
+    correct = sum(e.reward == 1.0 for e in trainer.examples)
+    assert start["examples_per_epoch"] == correct
+    steps = [r for r in rows if "step" in r and "epoch" in r]
+    done = 0
+    for row, units in zip(steps, trainer.plan):
+        done += sum(sum(trainer.examples[i].reward == 1.0 for i in trainer.units.rows[u]) for u in units)
+        assert row["epoch"] == pytest.approx(done / correct)
+    info = training_info(run / "step-3")
+    assert info == {"seed": 11, "step": 3, "loss": "rft", "lr": cfg.lr, "epochs": steps[2]["epoch"]}
+    assert training_info(final)["step"] == 4 and training_info(tmp_path) is None

@@ -49,7 +49,10 @@ class Units:
     size: list[int]          # how many examples each unit counts for in the batch size
 
 
-def build_units(examples: list[Example], cfg: TrainConfig) -> Units:
+def build_units(examples: list[Example], cfg: TrainConfig, counted: list[bool] | None = None) -> Units:
+    """Groups (or DPO pairs) and what each counts for in `batch_size`. With `counted` (a loss that ignores
+    some rows entirely, RFT: the incorrect ones) a group counts for its counted rows only and a group
+    without any is not trained on: filter first, then batch, so an RFT step holds `batch_size` correct rows."""
     if cfg.loss == "dpo":
         pairs = build_pairs(examples, cfg.seed, cfg.dpo_pairs)
         if not pairs:
@@ -57,7 +60,14 @@ def build_units(examples: list[Example], cfg: TrainConfig) -> Units:
                               path=cfg.rollouts)
         return Units(rows=[list(p) for p in pairs], size=[1] * len(pairs))
     groups = groups_of(examples)
-    return Units(rows=groups, size=[len(g) for g in groups])
+    if counted is None:
+        return Units(rows=groups, size=[len(g) for g in groups])
+    kept = [(g, sum(counted[i] for i in g)) for g in groups]
+    kept = [(g, n) for g, n in kept if n]
+    if not kept:
+        raise EngineError(f"no rollout counts for {cfg.loss} (RFT trains on reward-1 rollouts only, and there "
+                          "are none)", path=cfg.rollouts, field="reward")
+    return Units(rows=[g for g, _ in kept], size=[n for _, n in kept])
 
 
 def needs_reference(cfg: TrainConfig) -> bool:
@@ -156,12 +166,18 @@ class Trainer:
 
     def _plan_steps(self) -> None:
         cfg = self.cfg
-        self.units = build_units(self.examples, cfg)
-        # Rows a loss ignores entirely (RFT: the incorrect ones) add exactly 0 to a step: not forwarded.
-        # Steps still visit the same groups for every loss (the plan below is built from all rows).
+        # Rows a loss ignores entirely (RFT: the incorrect ones) add exactly 0 to a step: they are not
+        # forwarded, and the plan counts only the others, so a step holds `batch_size` rows that train.
         counts = losses.rows_that_count(cfg.loss)
         self.counted = counts(torch.tensor([e.reward for e in self.examples])).tolist() if counts else None
+        self.units = build_units(self.examples, cfg, self.counted)
         self.plan = plan_steps(self.units.rows, self.units.size, cfg.batch_size, cfg.steps, cfg.seed)
+        # Passes over the data (rows that train; DPO: pairs) after each step: the report states them per run.
+        per_epoch, done = sum(self.units.size), 0
+        self.epoch_after = []
+        for units in self.plan:
+            done += sum(self.units.size[u] for u in units)
+            self.epoch_after.append(done / per_epoch)
         if cfg.batch_size > sum(self.units.size) and self.dist.is_main:
             note = setting_error(cfg, "batch_size", f"{cfg.batch_size} exceeds the {sum(self.units.size)} examples "
                                  "(DPO: pairs) in the data; each step uses all of them once")
@@ -306,7 +322,7 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad()
         return {"step": step + 1, "loss": loss, "lr": self.optimizer.last_lrs[0], "grad_norm": grad_norm,
-                "tokens": tokens, "normaliser": normaliser,
+                "epoch": self.epoch_after[step], "tokens": tokens, "normaliser": normaliser,
                 "micro_batches": self.micro_batches_in_step,
                 **{f"stats/{k}": v for k, v in stats.items()}}
 
@@ -324,7 +340,8 @@ class Trainer:
             opened["log"] = ckpt.MetricsLog(self.out / "metrics.jsonl", keep_until=self.start_step)
             opened["log"].write({"event": "start", "loss": cfg.loss, "resumed_from": self.start_step,
                                  "data": self.data_stats, "skipped_lines": self.skipped.count,
-                                 "units": len(self.units.rows), "rft_dedup_dropped": self.dedup_dropped,
+                                 "units": len(self.units.rows), "examples_per_epoch": sum(self.units.size),
+                                 "rft_dedup_dropped": self.dedup_dropped,
                                  "world_size": self.dist.world_size, "fsdp": self.fsdp,
                                  "compacted_frozen_bytes": self.compacted_bytes, "config": cfg.to_dict()})
         distributed.on_main(self.dist, open_log)
