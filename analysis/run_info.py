@@ -10,8 +10,9 @@ from engine.fsio import jsonl_lines
 
 
 def training_info(adapter_dir: str | Path | None) -> dict | None:
-    """{seed, step, loss, lr, epochs} of the checkpoint in `adapter_dir` (epochs None when the run's log
-    predates per-step epochs or is absent), or None without a readable trainer_state.json."""
+    """{seed, step, loss, lr, epochs, data, examples_per_epoch} of the checkpoint in `adapter_dir` (the
+    last three None when the run's log predates them or is absent), or None without a readable
+    trainer_state.json."""
     if adapter_dir is None:
         return None
     adapter_dir = Path(adapter_dir)
@@ -27,20 +28,26 @@ def training_info(adapter_dir: str | Path | None) -> dict | None:
     step = step if isinstance(step, int) and not isinstance(step, bool) else None
     return {"seed": seed, "step": step, "loss": loss if isinstance(loss, str) else None,
             "lr": float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None,
-            "epochs": None if step is None else _epochs_at(adapter_dir.parent, step)}
+            **_from_log(adapter_dir.parent, step)}
 
 
-def _epochs_at(run_dir: Path, step: int) -> float | None:
-    """Passes over the training data through `step`, from the run's metrics.jsonl."""
+def _from_log(run_dir: Path, step: int | None) -> dict:
+    """From the run's metrics.jsonl: epochs through `step` (passes over the rows that train), the data's
+    counts and the examples per epoch (DPO: pairs) of the last start event; None where absent."""
+    out = {"epochs": None, "data": None, "examples_per_epoch": None}
     try:
         text = (run_dir / "metrics.jsonl").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return None
+        return out
     for _, line in jsonl_lines(text):
         try:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and row.get("step") == step and isinstance(row.get("epoch"), (int, float)):
-            return float(row["epoch"])
-    return None
+        if not isinstance(row, dict):
+            continue
+        if row.get("event") == "start":
+            out["data"], out["examples_per_epoch"] = row.get("data"), row.get("examples_per_epoch")
+        elif step is not None and row.get("step") == step and isinstance(row.get("epoch"), (int, float)):
+            out["epochs"] = float(row["epoch"])
+    return out

@@ -269,5 +269,6 @@ def test_epochs_are_logged_and_read_back(setup, tmp_path):
         done += sum(sum(trainer.examples[i].reward == 1.0 for i in trainer.units.rows[u]) for u in units)
         assert row["epoch"] == pytest.approx(done / correct)
     info = training_info(run / "step-3")
-    assert info == {"seed": 11, "step": 3, "loss": "rft", "lr": cfg.lr, "epochs": steps[2]["epoch"]}
+    assert {k: info[k] for k in ("seed", "step", "loss", "lr", "epochs")} == {"seed": 11, "step": 3, "loss": "rft", "lr": cfg.lr, "epochs": steps[2]["epoch"]}
+    assert info["examples_per_epoch"] == correct and info["data"]["positives"] == correct
     assert training_info(final)["step"] == 4 and training_info(tmp_path) is None
