@@ -1,16 +1,17 @@
-"""The chat tokenizer equals transformers' apply_chat_template on real GSM8K questions."""
+"""The chat tokenizer equals transformers' apply_chat_template on real GSM8K questions, for the real Qwen3
+tokenizer and for the embedded model's (which ships Qwen3's chat template for transformers and vLLM)."""
 import json
 
 import pytest
 
 import engine
-from helpers import DATA, QWEN3_TOKENIZER
+from helpers import DATA, QWEN3_TOKENIZER, REPO
 
 
-@pytest.fixture(scope="module")
-def tokenizers():
+@pytest.fixture(scope="module", params=[QWEN3_TOKENIZER, REPO / "embedded" / "base"], ids=["qwen3", "embedded"])
+def tokenizers(request):
     from transformers import AutoTokenizer
-    return engine.load_tokenizer(QWEN3_TOKENIZER), AutoTokenizer.from_pretrained(str(QWEN3_TOKENIZER))
+    return engine.load_tokenizer(request.param), AutoTokenizer.from_pretrained(str(request.param))
 
 
 def _questions(n=25):
@@ -44,8 +45,8 @@ def test_thinking_off_and_multi_turn(tokenizers):
     assert ours.encode_chat(final, add_generation_prompt=False) == _hf_ids(hf, final, add_generation_prompt=False)
 
 
-def test_special_ids(tokenizers):
-    ours, _ = tokenizers
+def test_special_ids():
+    ours = engine.load_tokenizer(QWEN3_TOKENIZER)
     assert (ours.im_start_id, ours.im_end_id, ours.endoftext_id, ours.pad_id) == (151644, 151645, 151643, 151643)
     assert set(ours.stop_ids) == {151645, 151643}
     text = "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72"

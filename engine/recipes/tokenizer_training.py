@@ -9,6 +9,7 @@ and the chat tokens appended after the learned vocabulary as in Qwen (`<|endofte
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -19,6 +20,7 @@ from tokenizers.trainers import BpeTrainer
 from engine.errors import EngineError
 from engine.fsio import write_json, write_text
 from engine.model.tokenizer import ENDOFTEXT, IM_END, IM_START
+from engine.tasks.registry import DATA_DIR
 
 # Qwen2/Qwen3's pre-tokenizer split pattern (`\p{N}` alone: one token per digit).
 QWEN_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -44,9 +46,15 @@ def _added(content: str, special: bool) -> AddedToken:
     return AddedToken(content, single_word=False, lstrip=False, rstrip=False, normalized=False, special=special)
 
 
+def qwen3_chat_template() -> str:
+    """Qwen3's jinja chat template, from the real Qwen3 tokenizer_config.json the repository carries."""
+    return json.loads((DATA_DIR / "qwen3-tokenizer" / "tokenizer_config.json").read_text())["chat_template"]
+
+
 def tokenizer_config(tok: Tokenizer, model_max_length: int) -> dict:
-    """The `tokenizer_config.json` a Qwen3 checkpoint ships (minus the jinja chat template, which the
-    engine does not use: it writes the chat format out in `engine.model.tokenizer`)."""
+    """The `tokenizer_config.json` a Qwen3 checkpoint ships, with Qwen3's own chat template: the engine
+    writes the chat format out in `engine.model.tokenizer` and does not read the template, but
+    transformers and vLLM do, so they chat-format prompts for the embedded model exactly as the engine."""
     decoder = {}
     for content in SPECIAL_TOKENS + THINK_TOKENS:
         decoder[str(tok.token_to_id(content))] = {
@@ -57,7 +65,7 @@ def tokenizer_config(tok: Tokenizer, model_max_length: int) -> dict:
         "additional_special_tokens": [IM_START, IM_END], "bos_token": None,
         "clean_up_tokenization_spaces": False, "eos_token": IM_END, "errors": "replace",
         "model_max_length": model_max_length, "pad_token": ENDOFTEXT, "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None,
+        "tokenizer_class": "Qwen2Tokenizer", "unk_token": None, "chat_template": qwen3_chat_template(),
     }
 
 
