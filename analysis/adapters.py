@@ -64,6 +64,15 @@ class AdapterSet:
         return torch.tensor([r.scale for r in self.runs], dtype=torch.float64)
 
     @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of each module, in `modules` order."""
+        shapes: list[tuple[int, int]] = [(0, 0)] * len(self.modules)
+        for b in self.buckets:
+            for m in b.index.tolist():
+                shapes[m] = b.shape
+        return shapes
+
+    @property
     def rank(self) -> int:
         return self.runs[0].r
 

@@ -186,11 +186,7 @@ def compute_base_alignment(aset, base_svd, *, k: int = 16, K: int = 10, epsilon:
                            progress: bool = True, tol: float = 1e-11) -> BaseAlignment:
     """Loop over modules (one base SVD in memory at a time), batched over runs."""
     from tqdm import tqdm
-    shapes = {}
-    for bk in aset.buckets:
-        for i in bk.index.tolist():
-            shapes[i] = bk.shape
-    shape_list = [shapes[i] for i in range(len(aset.modules))]
+    shape_list = aset.shapes
     min_dim = min(min(s) for s in shape_list)
     k_eff, k_rank, K_eff = capped_ks(k, aset.rank, K, min_dim)
     ks = tuple(sorted({k_eff, k_rank}))

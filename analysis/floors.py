@@ -53,11 +53,7 @@ def random_angle_floor(dims: list[int], k: int, *, other_k: int | None = None, t
 
 def principal_angle_floors(aset: AdapterSet, k: int, trials: int = 64, seed: int = 0) -> dict:
     """The random floor of both sides' angles for this adapter set's module shapes (left: out, right: in)."""
-    outs = [0] * len(aset.modules)
-    ins = [0] * len(aset.modules)
-    for b in aset.buckets:
-        for m in b.index.tolist():
-            outs[m], ins[m] = b.shape
+    outs, ins = (list(side) for side in zip(*aset.shapes))
     return {"left": random_angle_floor(outs, k, trials=trials, seed=seed),
             "right": random_angle_floor(ins, k, trials=trials, seed=seed + 1)}
 
@@ -73,10 +69,7 @@ def init_alignment(aset: AdapterSet, k: int, trials: int = 64) -> dict:
     top-k right singular subspace and the row space of its initial A, and the random floor of a k- vs an
     r-dimensional subspace. `runs[i]` is None where the seed is unknown."""
     r = aset.rank
-    ins = [0] * len(aset.modules)
-    for b in aset.buckets:
-        for m in b.index.tolist():
-            ins[m] = b.shape[1]
+    ins = [n for _, n in aset.shapes]
     out = {"k": k, "r": r, "runs": [], "random": random_angle_floor(ins, k, other_k=r, trials=trials, seed=7)}
     for i, run in enumerate(aset.runs):
         seed = run_seed(run.adapter_dir)
