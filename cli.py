@@ -254,14 +254,22 @@ def _seed_list(text: str) -> list[int]:
 @main.command("build-embedded")
 @click.option("--out", default=None, type=click.Path(), help="Default: the repository's embedded/.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--pretrain-steps", type=int, default=None)
-@click.option("--rollout-prompts", type=int, default=256, show_default=True)
-def build_embedded_command(out, seed, pretrain_steps, rollout_prompts) -> None:
-    """Rebuild the embedded default from scratch: tokenizer, tiny Qwen3 base, K = 4 rollouts."""
-    from engine.recipes.embedded import build
+@click.option("--student-steps", type=int, default=None, help="Pretraining steps of the student (base/).")
+@click.option("--teacher-steps", type=int, default=None, help="Pretraining steps of the teacher.")
+@click.option("--rollout-prompts", type=int, default=None, help="Teacher rollout prompts (K = 4 each).")
+def build_embedded_command(out, seed, student_steps, teacher_steps, rollout_prompts) -> None:
+    """Rebuild the embedded default from scratch: tokenizer, teacher and student Qwen3s, the teacher's
+    K = 4 rollouts, BUILD.json."""
+    from engine.recipes import embedded
     from engine.train.train_config import REPO_ROOT
-    build(out or REPO_ROOT / "embedded", seed=seed, pretrain_steps=pretrain_steps,
-          rollout_prompts=rollout_prompts, echo=click.echo)
+    for name, v in (("--student-steps", student_steps), ("--teacher-steps", teacher_steps),
+                    ("--rollout-prompts", rollout_prompts)):
+        if v is not None and v < 1:
+            raise EngineError(f"expected a positive integer, got {v}", field=name)
+    embedded.build(out or REPO_ROOT / "embedded", seed=seed,
+                   student_steps=student_steps or embedded.STUDENT_STEPS,
+                   teacher_steps=teacher_steps or embedded.TEACHER_STEPS,
+                   rollout_prompts=rollout_prompts or embedded.ROLLOUT_PROMPTS, echo=click.echo)
 
 
 def _bench_options(f):

@@ -227,7 +227,9 @@ def _function_space_section(fs: dict | None) -> list[str]:
                   "token cross-entropy (nats/token), teacher-forced, of the gold worked solution and the stop "
                   "token after the prompt (the format the model writes). Barrier = the largest height of the "
                   "curve above the straight line between its endpoints (0 when the path is convex). "
-                  "Accuracy = greedy pass@1 on the same items at b, the midpoint and a.", ""]
+                  "Accuracy = greedy pass@1 on the same items at b, the midpoint and a."
+                  + (f" The base model's loss on the same tokens: {_f(fs['base_loss'], 4)}." if "base_loss" in fs else ""),
+                  ""]
         lines += _table(["a", "b", "L(b)", "L(mid)", "L(a)", "barrier above line", "midpoint - mean ends",
                          "acc b / mid / a"],
                         [[c["a"], c["b"], _f(c["loss"][c["alphas"].index(0.0)], 4),

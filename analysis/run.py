@@ -91,7 +91,8 @@ def function_space_section(aset: AdapterSet, base, ref: int, *, task: str, split
     from engine import load_tokenizer
     from engine.tasks.registry import default_style, load_task
 
-    from .function_space import PathAccuracy, layer_cka, lmc_curve, load_function_model, prompt_batches, solution_batches
+    from .function_space import (PathAccuracy, layer_cka, lmc_curve, load_function_model, prompt_batches,
+                                 scored_loss, solution_batches)
     if lmc_points < 2:
         raise EngineError(f"expected at least 2 grid points, got {lmc_points}", field="lmc_points")
     style = style or default_style(task)
@@ -108,6 +109,8 @@ def function_space_section(aset: AdapterSet, base, ref: int, *, task: str, split
     alphas = [i / (lmc_points - 1) for i in range(lmc_points)]
     pair_list = lmc_pair_list(lmc_pairs, aset.names, ref)
     lmc = [lmc_curve(setter, a, b, solutions, alphas, progress) for a, b in pair_list]
+    setter.set([0.0] * len(aset.names))
+    base_loss = scored_loss(setter.model, solutions)   # the yardstick for every endpoint's loss
     if path_accuracy_alphas:
         # Greedy accuracy along the path: a loss barrier matters when it costs answers too.
         acc = PathAccuracy(setter, tok, items, style=style, enable_thinking=enable_thinking,
@@ -117,7 +120,7 @@ def function_space_section(aset: AdapterSet, base, ref: int, *, task: str, split
     cka = layer_cka(setter, prompts, cka_mode, progress)                       # [R, R, L]
     pairs = [(i, j) for i in range(len(aset.names)) for j in range(i + 1, len(aset.names))]
     layers = list(range(cka.shape[-1]))    # decoder layer index; the embeddings are left out
-    return {"task": task, "split": split, "n_items": len(items), "style": style, "lmc": lmc,
+    return {"task": task, "split": split, "n_items": len(items), "style": style, "base_loss": base_loss, "lmc": lmc,
             "cka": {"mode": cka_mode, "layers": layers, "pairs": [[aset.names[i], aset.names[j]] for i, j in pairs],
                     "per_layer": [cka[i, j].tolist() for i, j in pairs]}}
 

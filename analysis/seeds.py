@@ -45,9 +45,11 @@ def same_loss_floor(metrics: list[dict]) -> dict[str, dict]:
     return floor
 
 
-def write_seed_summary(report_dirs: Sequence[str | os.PathLike], out: str | os.PathLike) -> dict:
+def write_seed_summary(report_dirs: Sequence[str | os.PathLike], out: str | os.PathLike,
+                       build: dict | None = None) -> dict:
     """Read each report's metrics.json (same runs in the same order) and write OUT/report.md and
-    OUT/seeds.json with mean +- sample std over seeds."""
+    OUT/seeds.json with mean +- sample std over seeds. `build`: the models' BUILD.json (the embedded
+    default's), whose teacher / student numbers join the regime section."""
     metrics = []
     for d in report_dirs:
         path = Path(d) / "metrics.json"
@@ -75,7 +77,7 @@ def write_seed_summary(report_dirs: Sequence[str | os.PathLike], out: str | os.P
     lines = [f"# The study over {len(metrics)} seeds", "",
              "Mean ± sample standard deviation over seeds of within-seed numbers; per-seed reports: "
              + ", ".join(f"[{Path(d).name}]({os.path.relpath(d, out)}/report.md)" for d in report_dirs), ""]
-    lines += _regime(metrics, names)
+    lines += _regime(metrics, names, build)
     lines += render_study_rows(rows)
     lines += ["## Update geometry", "",
               "Beside each pair, its noise floor: the same loss with another seed (cosine between a run and its "
@@ -113,10 +115,11 @@ def _training(metrics: list[dict], i: int, key: str) -> list:
     return [(m["runs"][i].get("training") or {}).get(key) for m in metrics]
 
 
-def _regime(metrics: list[dict], names: list[str]) -> list[str]:
+def _regime(metrics: list[dict], names: list[str], build: dict | None = None) -> list[str]:
     """How strong the model, how correct the data, what was analysed: the numbers every result needs."""
     first = metrics[0]
     lines = ["## Regime", ""]
+    lines += _build_lines(build) if build and "models" in build else []
     data = next((t.get("data") for t in (r.get("training") or {} for r in first["runs"]) if t.get("data")), None)
     if data:
         lines += [f"- Rollouts: {data['rollouts']} in {data['groups']} groups, {data['positives'] / data['rollouts']:.1%} "
@@ -139,13 +142,35 @@ def _regime(metrics: list[dict], names: list[str]) -> list[str]:
     return lines
 
 
+def _build_lines(build: dict) -> list[str]:
+    """The teacher and the student as `engine.recipes.embedded` built them (BUILD.json)."""
+    def acc(g: dict) -> str:
+        return f"{g['accuracy']:.1%} [{g['ci95_wilson'][0]:.1%}, {g['ci95_wilson'][1]:.1%}]"
+    lines = []
+    for name, m in build["models"].items():
+        sh = m["shape"]
+        greedy = "; ".join(f"{split} {acc(g)}" for split, g in m["greedy"].items())
+        lines += [f"- {name.capitalize()}: {sh['num_hidden_layers']} layers, hidden {sh['hidden_size']}, "
+                  f"{m['parameters'] / 1e6:.2f}M parameters, pretrained {m['pretrain_steps']} steps "
+                  f"({m['pretrain_epochs']:g} epochs); greedy accuracy {greedy}."]
+    r = build["rollouts"]
+    lines += [f"- The rollouts are the {r['model']}'s (K = {r['k']}, T = {r['temperature']:g}, on {r['groups']} "
+              f"train prompts neither model was pretrained on): {r['mean_reward']:.1%} correct."]
+    own = build["models"].get("student", {}).get("samples_on_rollout_prompts")
+    if own:
+        lines += [f"- The student's own samples on those prompts (same K and T): {own['mean_reward']:.1%} correct."]
+    return lines
+
+
 def _function_space(metrics: list[dict]) -> list[str]:
     fs = [m.get("function_space") for m in metrics]
     if not all(fs) or not fs[0].get("lmc"):
         return []
     lines = ["", "## Linear mode connectivity and CKA", "",
              "Barrier = height above the chord between the endpoints of the in-format loss (nats/token, the gold "
-             "worked solution); accuracy at the midpoint against the endpoints on the same items.", "",
+             "worked solution); accuracy at the midpoint against the endpoints on the same items."
+             + (f" The base model's loss on the same tokens: {fs[0]['base_loss']:.4f}." if "base_loss" in fs[0] else ""),
+             "",
              "| a | b | L(b) | L(a) | barrier | acc b / mid / a |", "|---|---|---|---|---|---|"]
     for j, c in enumerate(fs[0]["lmc"]):
         curves = [f["lmc"][j] for f in fs]

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
 from engine.generate.sampler import SamplingParams, generate  # noqa: E402
-from engine.recipes.embedded_inputs import TINY_CONTEXT, TINY_MODEL, TINY_VOCAB  # noqa: E402
+from engine.recipes.embedded_inputs import TINY_CONTEXT, STUDENT_MODEL, TINY_VOCAB  # noqa: E402
 
 # The embedded demo model's shape.
-SHAPE = {**TINY_MODEL, "max_position_embeddings": TINY_CONTEXT}
+SHAPE = {**STUDENT_MODEL, "max_position_embeddings": TINY_CONTEXT}
 
 
 def model_shape(args) -> dict:

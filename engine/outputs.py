@@ -106,7 +106,8 @@ KINDS: dict[str, tuple[str, bool, Callable[[Path], bool]]] = {
     "report": ("report", False, lambda p: _text_starting(p, "# LoRA update geometry report", "# The study over ",
                                                          "# Spread over ")),
     "plot": ("plot", False, _png),
-    "build": ("build summary", False, lambda p: _json_object(p, {"parameters", "rollout_groups"})),
+    "build": ("build summary", False, lambda p: _json_object(p, {"models", "rollouts"})
+              or _json_object(p, {"parameters", "rollout_groups"})),  # the second: builds before the teacher
     "bench": ("bench result", False, lambda p: _json_object(p, {"spec"}) or _json_object(p, {"rows"})),
     "train-metrics": ("training metrics log", False, _jsonl_log),
     "sft-data": ("synthetic pretraining data", False, lambda p: _jsonl_objects(p, {"prompt", "completion"})),
@@ -117,7 +118,9 @@ KINDS: dict[str, tuple[str, bool, Callable[[Path], bool]]] = {
                       only_names("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                                  "generation_config.json")),
     "embedded-work": ("build-embedded work directory", True,
-                      only_names("base", "init", "pretrain", "eval", "sft_train.jsonl")),
+                      only_names("base", "teacher", "init", "pretrain", "init-base", "init-teacher",
+                                 "pretrain-base", "pretrain-teacher", "calibration", "eval", "sft_train.jsonl",
+                                 "student-samples.jsonl")),
 }
 
 

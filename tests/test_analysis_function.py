@@ -16,7 +16,7 @@ from analysis.function_space import (DeltaSetter, PathAccuracy, layer_cka, lmc_c
 from engine import load_model, load_tokenizer
 from engine.errors import EngineError
 from engine.model.lora import LoRAConfig, apply_lora, lora_modules, merge_adapter, save_adapter
-from engine.tasks.registry import TaskItem
+from engine.tasks.registry import TaskItem, load_task
 from helpers import tiny_model_dir
 from helpers import write_adapter
 
@@ -154,6 +154,11 @@ def test_run_analysis_end_to_end(setup, tmp_path):
     assert [(c["a"], c["b"]) for c in fs["lmc"]] == [("run0", "run1"), ("run2", "run1")]
     assert fs["lmc"][0]["alphas"] == [0.0, 0.5, 1.0] and fs["n_items"] == 4 and fs["style"] == "plain"
     assert len(fs["cka"]["per_layer"]) == 3 and len(fs["cka"]["per_layer"][0]) == 2
+    # The base's own in-format loss (the yardstick for the endpoints), from the plain model's full logits.
+    tok = load_tokenizer(base)
+    plain = _reference_loss(load_model(base, device="cpu"), solution_batches(tok, load_task("synthetic", "test", limit=4),
+                                                                             style="plain", batch_size=2))
+    assert fs["base_loss"] == pytest.approx(plain, rel=1e-5)
     for c in fs["lmc"]:
         assert c["accuracy"]["alphas"] == [0.0, 0.5, 1.0] and c["accuracy"]["n"] == 4
         assert c["barrier"] >= 0.0                       # alpha = 0 and 1 lie on the chord themselves
@@ -162,7 +167,7 @@ def test_run_analysis_end_to_end(setup, tmp_path):
     assert 0 < pa["random"]["left"]["smallest"] <= pa["random"]["left"]["kth"] <= 90
     assert strict["geometry"]["init_alignment"]["runs"] == [None] * 3      # adapters saved without a trainer state
     report = (out / "report.md").read_text()
-    assert "Random floor:" in report and "gold worked solution" in report
+    assert "Random floor:" in report and "gold worked solution" in report and "The base model's loss" in report
     for heading in ("Cosine similarity", "Principal angles", "Norms and effective ranks", "Linear mode connectivity",
                     "Per-layer CKA", "Accuracy: synthetic_test", "McNemar"):
         assert heading in report

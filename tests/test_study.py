@@ -25,7 +25,7 @@ def test_lr_matched_dpo_trains_at_the_shared_rate(tmp_path):
     sft = run_config(CPU, StudyRun("sft", "sft"), 7, tmp_path / "c", None)
     assert dpo.lr_for("dpo") == pytest.approx(sft.lr / 10)           # the preset's DPO rate, 10x lower
     assert matched.lr_for("dpo") == sft.lr_for("sft") and matched.loss == "dpo" and matched.seed == 7
-    assert 40 in sft.checkpoint_steps and run_config(CPU, StudyRun("sft", "sft"), 7, tmp_path, 9).checkpoint_steps == [6]
+    assert 60 in sft.checkpoint_steps and run_config(CPU, StudyRun("sft", "sft"), 7, tmp_path, 9).checkpoint_steps == [6]
 
 
 @pytest.mark.slow
@@ -44,7 +44,13 @@ def test_two_seeds_in_two_processes(tmp_path):
         assert state["config"]["seed"] == seed and "dpo" not in state["config"]["lr_per_loss"]
         assert metrics["geometry"]["init_alignment"]["runs"][0]["seed"] == seed
         for run in seeds["runs"]:
-            assert (out / "eval" / f"seed-{seed}" / run / "synthetic_test.jsonl").is_file()
+            for split in ("test", "hard"):  # the easy split and the hard one
+                assert (out / "eval" / f"seed-{seed}" / run / f"synthetic_{split}.jsonl").is_file()
+    verdict_v = next(r for r in seeds["verdicts"] if r["claim"].startswith("(v)"))
+    assert sorted(p["label"].split(":")[0] for p in verdict_v["parts"]) == ["synthetic_hard", "synthetic_test"]
+    text = (report / "report.md").read_text()
+    build = json.loads((REPO / "embedded" / "BUILD.json").read_text())
+    assert "- Teacher: 6 layers" in text and f"{build['rollouts']['mean_reward']:.1%} correct" in text
     # A rerun reuses every finished piece: same reports, nothing retrained.
     before = (report / "report.md").read_text()
     run_study(out, seeds=(5, 6), loss_names=["sft", "dpo"], steps=3, eval_limit=3, max_new_tokens=12, n_items=3,

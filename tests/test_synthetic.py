@@ -112,7 +112,7 @@ def test_difficulty_knobs():
         for a, op, b, v in chain:
             assert v <= 40 and b <= (5 if op in "+-" else 3)
     with pytest.raises(EngineError, match="max_ops"):
-        Difficulty(max_ops=5)
+        Difficulty(max_ops=synthetic.MAX_OPS + 1)
     with pytest.raises(EngineError, match="max_factor"):
         Difficulty(max_factor=1)
     with pytest.raises(EngineError, match="no split"):
@@ -121,6 +121,44 @@ def test_difficulty_knobs():
     with pytest.raises(EngineError, match="distinct"):
         generate_problems(5, split="test", difficulty=Difficulty(max_ops=2, max_start=2, max_operand=2,
                                                                  max_factor=2, max_value=4))
+
+
+def test_hard_split_is_longer_and_held_out(test_items):
+    """The hard split (the AIME analogue): 5 correct steps each (training has 2-4), arithmetic from the held-out fifth
+    (never a train chain), the registered split being the default seed's first 500."""
+    hard = generate_problems(300, seed=7, split="hard")
+    train = generate_problems(3000, seed=7, split="train", difficulty=synthetic.HARD)
+    lengths = set()
+    for item in hard:
+        chain = steps(item)
+        lengths.add(len(chain))
+        assert int(item.gold) == chain[-1][3] and synthetic.split_of(_chain_text(chain)) == "test"
+    assert lengths == {synthetic.HARD.min_ops} == {synthetic.HARD.max_ops} == {5}
+    assert not {tuple(steps(x)) for x in hard} & {tuple(steps(x)) for x in train}
+    assert hard[0].id == "synthetic-hard-0" and hard != generate_problems(300, seed=7, split="test")
+    from engine.tasks.registry import load_task
+    assert load_task("synthetic", "hard", limit=7) == generate_problems(7, synthetic.DEFAULT_SEED, "hard")
+
+
+def _chain_text(chain) -> str:
+    """The generator's chain string (`12+5-3/2`; a product opening `4*3...` reads the same) from parsed steps."""
+    return str(chain[0][0]) + "".join(f"{op}{b}" for _, op, b, _ in chain)
+
+
+def test_pretraining_items_drop_held_out_prompts_and_their_arithmetic():
+    from engine.recipes.embedded_inputs import arithmetic, pretraining_items
+    from engine.tasks.registry import TaskItem
+    items = generate_problems(200, seed=2, split="train")
+    held = items[:10]
+    # A re-worded problem doing held-out arithmetic (the same annotations) must go too.
+    twin = TaskItem("twin", "Another story entirely?", held[3].gold, "synthetic", held[3].solution.replace(
+        held[3].solution.split(" ")[0], "Zed", 1))
+    kept, removed = pretraining_items(items + [twin], held)
+    assert arithmetic(twin) == arithmetic(held[3]) != ()
+    assert twin not in kept and not {x.question for x in kept} & {x.question for x in held}
+    assert not {arithmetic(x) for x in kept} & {arithmetic(x) for x in held}
+    assert removed == len(items) + 1 - len(kept) >= 11
+    assert kept == [x for x in items[10:] if arithmetic(x) not in {arithmetic(h) for h in held}]
 
 
 def test_grader_accepts_gold_and_rejects_perturbed(train):
@@ -158,19 +196,21 @@ def test_shipped_embedded_files_are_a_fresh_build(tmp_path):
     (the trainer rewrites config.json in its own key order)."""
     shipped = REPO / "embedded"
     build_embedded(tmp_path)
-    for name in ("base/tokenizer.json", "base/tokenizer_config.json"):
-        assert (tmp_path / name).read_bytes() == (shipped / name).read_bytes(), name
-    fresh = engine.Qwen3Config.from_json(tmp_path / "base" / "config.json").to_dict()
-    ours = engine.Qwen3Config.from_json(shipped / "base" / "config.json").to_dict()
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "tie_word_embeddings", "eos_token_id", "rope_theta"):
-        assert fresh[key] == ours[key], key
+    assert (tmp_path / "sft_train.jsonl").read_bytes() == (shipped / "sft_train.jsonl").read_bytes()
+    for model in ("base", "teacher"):
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            assert (tmp_path / model / name).read_bytes() == (shipped / model / name).read_bytes(), (model, name)
+        fresh = engine.Qwen3Config.from_json(tmp_path / model / "config.json").to_dict()
+        ours = engine.Qwen3Config.from_json(shipped / model / "config.json").to_dict()
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "head_dim", "tie_word_embeddings", "eos_token_id", "rope_theta"):
+            assert fresh[key] == ours[key], (model, key)
 
 
 def test_tokenizer_round_trip_and_special_tokens(built):
     out, summary = built
     tok = engine.load_tokenizer(out / "base")
-    assert summary["vocab_size"] == tok.vocab_size <= 600
+    assert summary["tokenizer"]["vocab_size"] == tok.vocab_size <= 600
     for content in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"):
         ids = tok.encode(content)
         assert len(ids) == 1 and ids[0] >= tok.vocab_size - 5, content
@@ -215,9 +255,11 @@ def test_config_and_sft_rows_load_through_the_engine(built):
     n_params = sum(p.numel() for p in model.parameters())
     assert 1_000_000 < n_params < 10_000_000
     rollouts, skipped = read_rollouts(out / "sft_train.jsonl")
-    assert len(rollouts) == summary["n_train"] == 400 and skipped.count == 0
+    data = summary["data"]
+    assert len(rollouts) == data["rows"] == 400 - data["removed_as_held_out_or_same_arithmetic"] > 300
+    assert skipped.count == 0
     assert all(r.reward == 1.0 and r.prompt[0]["role"] == "user" for r in rollouts)
-    assert len({r.group for r in rollouts}) == 400
+    assert len({r.group for r in rollouts}) == data["rows"]
     examples = tokenize_rollouts(rollouts, tok, max_len=cfg.max_position_embeddings)
     assert max(len(e.ids) for e in examples) <= 256  # short enough for the tiny context
     ex = examples[0]

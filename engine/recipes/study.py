@@ -16,6 +16,7 @@ minutes; `configs/paper.toml` holds the same pipeline at the study's scale.
 from __future__ import annotations
 
 import dataclasses
+import json
 import multiprocessing
 import os
 import time
@@ -76,7 +77,7 @@ class _SeedJob:
     runs: tuple[StudyRun, ...]
     base: str
     task: str
-    split: str
+    splits: tuple[str, ...]
     style: str
     eval_limit: int | None
     max_new_tokens: int
@@ -91,25 +92,28 @@ class _SeedJob:
 
 def run_study(out: str | Path = "runs/demo", *, config: str | Path = REPO_ROOT / "configs" / "cpu.toml",
               seeds: Sequence[int] = (42, 43), loss_names: Sequence[str] | None = None, task: str = "synthetic",
-              split: str = "test", style: str = "plain", eval_limit: int | None = None,
-              max_new_tokens: int = 160, eval_batch_size: int = 64, function_space: bool = True,
+              splits: Sequence[str] = ("test", "hard"), style: str = "plain", eval_limit: int | None = None,
+              max_new_tokens: int = 256, eval_batch_size: int = 64, function_space: bool = True,
               n_items: int = 100, steps: int | None = None, resume: bool = True, workers: int | None = None,
               echo: Callable[[str], None] = print) -> Path:
     """Train every run for every seed, evaluate, analyse. Returns the report directory.
 
     Finished pieces are reused on a rerun (trainings resume from their checkpoints; evaluations whose
     per-item file exists are kept), so an interrupted demo continues where it stopped. `workers`:
-    processes the seeds run in (default: one per core, at most one per seed)."""
+    processes the seeds run in (default: one per core, at most one per seed). `splits`: every run is
+    evaluated on each (synthetic: the easy test split, the GSM8K analogue, and the hard one, the AIME
+    analogue); the first is also the one the function-space analysis scores."""
     out = Path(out)
     runs = tuple(study_runs(list(loss_names or losses.names())))
     t0 = time.perf_counter()
     base = load_config(config).model
     eval_dir = out / "eval"
     from engine.generate.rollout import run_eval
-    _evaluate(run_eval, base, None, eval_dir / "base", task, split, style, eval_limit, max_new_tokens,
+    splits = tuple(splits)
+    _evaluate(run_eval, base, None, eval_dir / "base", task, splits, style, eval_limit, max_new_tokens,
               eval_batch_size, echo)
     workers = max(1, min(len(seeds), workers or os.cpu_count() or 1))
-    jobs = [_SeedJob(seed=seed, out=out, config=str(config), runs=runs, base=str(base), task=task, split=split,
+    jobs = [_SeedJob(seed=seed, out=out, config=str(config), runs=runs, base=str(base), task=task, splits=splits,
                      style=style, eval_limit=eval_limit, max_new_tokens=max_new_tokens,
                      eval_batch_size=eval_batch_size, function_space=function_space, n_items=n_items,
                      steps=steps, resume=resume,
@@ -125,7 +129,9 @@ def run_study(out: str | Path = "runs/demo", *, config: str | Path = REPO_ROOT /
             reports = list(pool.map(_seed_study, jobs))
     if len(seeds) > 1:
         from analysis.seeds import write_seed_summary
-        write_seed_summary(reports, out / "report")
+        build = Path(base).parent / "BUILD.json"  # the embedded default's teacher / student numbers
+        write_seed_summary(reports, out / "report",
+                           build=json.loads(build.read_text()) if build.is_file() else None)
     echo(f"[{time.perf_counter() - t0:6.0f}s] done")
     return out / "report"
 
@@ -150,23 +156,25 @@ def _seed_study(job: _SeedJob, echo: Callable[[str], None] | None = None) -> Pat
         checkpoint = checkpoint_name(cfg.steps)
         dirs.append(seed_dir / run.name)
         _evaluate(run_eval, job.base, seed_dir / run.name / checkpoint, eval_dir / f"seed-{job.seed}" / run.name,
-                  job.task, job.split, job.style, job.eval_limit, job.max_new_tokens, job.eval_batch_size, echo)
+                  job.task, job.splits, job.style, job.eval_limit, job.max_new_tokens, job.eval_batch_size, echo)
     _link_base_eval(eval_dir, job.seed)
     echo(f"analyse seed {job.seed} at {checkpoint}")
     names = [r.name for r in job.runs]
     run_analysis(dirs, base=job.base, reference="sft" if "sft" in names else names[0], checkpoint=checkpoint,
-                 eval_dir=eval_dir / f"seed-{job.seed}", out=job.report, task=job.task, split=job.split,
+                 eval_dir=eval_dir / f"seed-{job.seed}", out=job.report, task=job.task, split=job.splits[0],
                  style=job.style, function_space=job.function_space, n_items=job.n_items,
                  max_new_tokens=job.max_new_tokens, echo=echo)
     return job.report
 
 
-def _evaluate(run_eval, base, adapter, out_dir: Path, task, split, style, limit, max_new_tokens, batch_size,
+def _evaluate(run_eval, base, adapter, out_dir: Path, task, splits, style, limit, max_new_tokens, batch_size,
               echo) -> None:
-    if (out_dir / f"{task}_{split}.jsonl").is_file():
-        return
-    run_eval(str(base), adapter=None if adapter is None else str(adapter), task=task, split=split, limit=limit,
-             out=str(out_dir), max_new_tokens=max_new_tokens, batch_size=batch_size, style=style, echo=echo)
+    for split in splits:
+        if (out_dir / f"{task}_{split}.jsonl").is_file():
+            continue
+        run_eval(str(base), adapter=None if adapter is None else str(adapter), task=task, split=split,
+                 limit=limit, out=str(out_dir), max_new_tokens=max_new_tokens, batch_size=batch_size,
+                 style=style, echo=echo)
 
 
 def _link_base_eval(eval_dir: Path, seed: int) -> None:

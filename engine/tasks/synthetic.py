@@ -7,11 +7,16 @@ a friend has three times as many, shares them among cousins...). The worked solu
 one step per line with a calculator annotation, `Mia has 12 + 5 = <<12+5=17>>17 apples now.`, and a
 final `#### 17` line. Difficulty (operation count, number ranges) is set by `Difficulty`.
 
-Splits are disjoint by construction: a problem belongs to the test split iff a hash of its arithmetic
-(start value and each operation with its operand, e.g. `12+5-3/2`) falls in the test fifth, whatever the
-seed, names or wording; so no test computation is ever seen in training.
+Three splits, the study's two difficulty levels:
+- `train` and `test`: the easy problems (`Difficulty()`, 2-4 operations), the GSM8K analogue the rollouts,
+  the training and the main accuracy use;
+- `hard`: longer chains (`HARD`), the AIME analogue, evaluated only.
+They are disjoint by construction: a problem belongs to `test` or `hard` iff a hash of its arithmetic
+(start value and each operation with its operand, e.g. `12+5-3/2`) falls in the held-out fifth, whatever
+the seed, names or wording; so no evaluated computation is ever seen in training.
 
-`import engine.tasks.synthetic` registers the task "synthetic" (splits train/test) with `engine.tasks.registry`.
+`import engine.tasks.synthetic` registers the task "synthetic" (splits train/test/hard) with
+`engine.tasks.registry`.
 """
 from __future__ import annotations
 
@@ -25,17 +30,18 @@ from engine.tasks.registry import TaskItem, register_task
 
 TASK_NAME = "synthetic"
 DEFAULT_SEED = 0
-DEFAULT_SIZES = {"train": 4000, "test": 500}  # what `load_task("synthetic", split)` returns
+DEFAULT_SIZES = {"train": 4000, "test": 500, "hard": 500}  # what `load_task("synthetic", split)` returns
 TEST_BUCKETS = 5        # 1 in TEST_BUCKETS arithmetic chains is reserved for the test split
+MAX_OPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
 class Difficulty:
     """How hard problems are: operations per problem, and number ranges (all values stay >= 2).
 
-    The defaults are sized for the embedded tiny model (about 36% greedy test accuracy: 50% / 38% / 21%
-    on 2 / 3 / 4 operations). GSM8K-like ranges are e.g. max_start=20, max_operand=10, max_factor=5,
-    max_value=100 (the same model and budget then reach about 4%)."""
+    The defaults are the easy level the embedded models train on (the shipped student gets 72% of the
+    test split, the teacher 90%; `embedded/BUILD.json`). Larger GSM8K-like ranges are e.g. max_start=20,
+    max_operand=10, max_factor=5, max_value=100."""
     min_ops: int = 2
     max_ops: int = 4
     max_start: int = 10    # first quantity in [2, max_start]
@@ -48,11 +54,17 @@ class Difficulty:
             v = getattr(self, f.name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 2:
                 raise EngineError(f"expected an integer >= 2, got {v!r}", field=f.name)
-        if not self.min_ops <= self.max_ops <= 4:
-            raise EngineError(f"need 2 <= min_ops <= max_ops <= 4, got {self.min_ops}..{self.max_ops}",
+        if not self.min_ops <= self.max_ops <= MAX_OPS:
+            raise EngineError(f"need 2 <= min_ops <= max_ops <= {MAX_OPS}, got {self.min_ops}..{self.max_ops}",
                               field="max_ops")
         if self.max_value < max(self.max_start, 2 * self.max_factor):
             raise EngineError("max_value must be >= max_start and 2 * max_factor", field="max_value")
+
+
+# The hard split: one step longer than any training problem, over the same number ranges. Measured on a
+# 6-layer model at 59% on the easy split: 5 steps 9%, 5-6 steps 6%, 4-5 steps 21% (the shipped student: 5%).
+HARD = Difficulty(min_ops=5, max_ops=5)
+SPLITS = ("train", "test", "hard")
 
 
 # ---------------------------------------------------------------- the story world
@@ -270,14 +282,17 @@ def split_of(chain: str) -> str:
 
 def generate_problems(n: int, seed: int = DEFAULT_SEED, split: str = "train",
                       difficulty: Difficulty | None = None) -> list[TaskItem]:
-    """`n` distinct problems of `split` ("train" | "test"), the same for the same arguments.
+    """`n` distinct problems of `split` ("train" | "test" | "hard"), the same for the same arguments.
+    `difficulty` defaults to `Difficulty()` for train/test and `HARD` for hard.
 
     TaskItem(id="synthetic-{split}-{i}", question, gold=str(answer), source="synthetic", solution)."""
-    if split not in ("train", "test"):
-        raise EngineError(f"task 'synthetic' has no split {split!r}; expected train or test", field="split")
+    if split not in SPLITS:
+        raise EngineError(f"task 'synthetic' has no split {split!r}; expected one of {', '.join(SPLITS)}",
+                          field="split")
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise EngineError(f"expected a non-negative integer, got {n!r}", field="n")
-    d = difficulty or Difficulty()
+    d = difficulty or (HARD if split == "hard" else Difficulty())
+    bucket = "train" if split == "train" else "test"  # hard chains come from the held-out fifth too
     rng = random.Random(f"synthetic:{seed}:{split}")  # str seeds hash with sha512: stable across runs
     items: list[TaskItem] = []
     seen: set[str] = set()
@@ -289,7 +304,7 @@ def generate_problems(n: int, seed: int = DEFAULT_SEED, split: str = "train",
                               "raise the number ranges or ask for fewer", field="n")
         p = _one_problem(rng, d)
         question = " ".join(p.sentences)
-        if split_of(p.chain) != split or question in seen:
+        if split_of(p.chain) != bucket or question in seen:
             continue
         seen.add(question)
         items.append(TaskItem(f"{TASK_NAME}-{split}-{len(items)}", question, str(p.answer), TASK_NAME,
@@ -300,7 +315,8 @@ def generate_problems(n: int, seed: int = DEFAULT_SEED, split: str = "train",
 def _load(split: str, data_dir: Path) -> list[TaskItem]:
     del data_dir  # generated, not read
     if split not in DEFAULT_SIZES:
-        raise EngineError(f"task 'synthetic' has no split {split!r}; expected train or test", field="split")
+        raise EngineError(f"task 'synthetic' has no split {split!r}; expected one of {', '.join(SPLITS)}",
+                          field="split")
     return generate_problems(DEFAULT_SIZES[split], DEFAULT_SEED, split)
 
 
