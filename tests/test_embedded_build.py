@@ -107,6 +107,9 @@ def test_build_end_to_end_at_toy_size(tmp_path, monkeypatch):
         assert sorted(p.name for p in (out / d).iterdir()) == ["config.json", "generation_config.json",
                                                                "model.safetensors", "tokenizer.json",
                                                                "tokenizer_config.json"]
+    # The teacher's checkpoints are dropped once the chosen one is installed; its training log stays.
+    assert not [p.name for p in (tmp_path / "work" / "pretrain-teacher").iterdir() if p.is_dir()]
+    assert (tmp_path / "work" / "pretrain-teacher" / "metrics.jsonl").is_file()
     assert engine.Qwen3Config.from_json(out / "teacher" / "config.json").hidden_size > \
         engine.Qwen3Config.from_json(out / "base" / "config.json").hidden_size
     # A rebuild replaces its own output (the work directory and every file are recognised as ours).

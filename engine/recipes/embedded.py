@@ -89,6 +89,8 @@ def build(out: str | Path = REPO_ROOT / "embedded", *, seed: int = 0, student_st
                              checkpoint_steps=list(range(every, teacher_steps, every)))
     step, curve = _choose_teacher(run, teacher_steps, calibration, sampling, seed, work / "calibration", echo)
     _install(run / ("final" if step == teacher_steps else f"step-{step}"), work / "teacher", teacher_dir)
+    for ckpt in [*run.glob("step-*"), run / "final"]:  # ~1 GB with optimizer states; the chosen one is installed
+        shutil.rmtree(ckpt)
     teacher.update(pretrain_steps=step, pretrain_epochs=round(teacher["epochs_per_step"] * step, 2),
                    selection={"rule": f"the checkpoint (every {every} steps from step {TEACHER_FIRST_CHECK}) whose "
                               f"T = 1 accuracy on {len(calibration)} unseen train prompts (K = {K}) comes closest to "
