@@ -91,17 +91,16 @@ def build(out: str | Path = REPO_ROOT / "embedded", *, seed: int = 0, student_st
     _install(run / ("final" if step == teacher_steps else f"step-{step}"), work / "teacher", teacher_dir)
     for ckpt in [*run.glob("step-*"), run / "final"]:  # ~1 GB with optimizer states; the chosen one is installed
         shutil.rmtree(ckpt)
-    teacher.update(pretrain_steps=step, pretrain_epochs=round(teacher["epochs_per_step"] * step, 2),
+    epochs = lambda steps: round(steps * PRETRAIN["batch_size"] / info["data"]["rows"], 2)  # noqa: E731
+    teacher.update(pretrain_steps=step, pretrain_epochs=epochs(step),
                    selection={"rule": f"the checkpoint (every {every} steps from step {TEACHER_FIRST_CHECK}) whose "
                               f"T = 1 accuracy on {len(calibration)} unseen train prompts (K = {K}) comes closest to "
                               f"{TEACHER_TARGET}, searched until one reaches it", "target": TEACHER_TARGET,
                               "prompts": f"synthetic/train items {rollout_prompts}-{len(prompts) - 1}", "curve": curve})
     student, run = _pretrain(work, "base", student_steps, seed, echo)
     _install(run / "final", work / "base", student_dir)
-    student.update(pretrain_steps=student_steps, pretrain_epochs=round(student["epochs_per_step"] * student_steps, 2))
+    student.update(pretrain_steps=student_steps, pretrain_epochs=epochs(student_steps))
     models = {"teacher": teacher, "student": student}
-    for m in models.values():
-        m.pop("epochs_per_step")
     shutil.copyfile(work / "sft_train.jsonl", out / "sft_train.jsonl")  # the pretraining data, for audit
     for name, dst in (("teacher", teacher_dir), ("student", student_dir)):
         models[name]["greedy"] = {split: _greedy(dst, split, work / "eval" / name, echo) for split in EVAL_SPLITS}
@@ -148,9 +147,7 @@ def _pretrain(work: Path, inputs: str, steps: int, seed: int, echo: Callable[[st
     shape = {k: getattr(config, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size",
                                              "num_attention_heads", "num_key_value_heads", "head_dim",
                                              "vocab_size")}
-    rows = sum(1 for _ in jsonl_objects(work / "sft_train.jsonl", "sft rows"))
-    return ({"path": inputs, "shape": shape, "parameters": params,
-             "schedule_steps": steps, "epochs_per_step": cfg.batch_size / rows,
+    return ({"path": inputs, "shape": shape, "parameters": params, "schedule_steps": steps,
              "pretrain_seconds": round(time.perf_counter() - t, 1),
              "pretrain": {k: v for k, v in cfg.__dict__.items() if k in PRETRAIN}}, run)
 
